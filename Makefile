@@ -1,0 +1,34 @@
+# The two commands of a fresh machine (see README):
+#   make demo   sets up .venv/ and runs `autopsy analyze` on a bundled example run
+#   make test   sets up .venv/ and runs the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup demo test bench fixtures clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[all]' -r requirements-dev.txt
+	touch $@
+
+demo: setup
+	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31
+	mkdir -p out
+	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31 --out out/report.md
+	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31 --out out/report.json
+
+test: setup
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+bench: setup
+	$(PY) bench/run_all.py
+
+fixtures: setup
+	$(PY) fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,36 @@
+"""autopsy: the postmortem of a machine-learning training run.
+
+>>> import autopsy
+>>> frame = autopsy.load("./qlora-output")        # doctest: +SKIP
+>>> report = autopsy.analyze(frame)                 # doctest: +SKIP
+
+``import autopsy`` stays light: torch, transformers, wandb and tensorboard are imported only by
+the functions that need them.
+"""
+
+from __future__ import annotations
+
+from autopsy.analysis import analyze
+from autopsy.errors import AutopsyError
+from autopsy.findings import Finding, Report, RunReport, Severity, findings_to_frame
+from autopsy.frame import RunInfo, run_info, series, validate_frame, wide
+from autopsy.importers import load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutopsyError",
+    "Finding",
+    "Report",
+    "RunInfo",
+    "RunReport",
+    "Severity",
+    "__version__",
+    "analyze",
+    "findings_to_frame",
+    "load",
+    "run_info",
+    "series",
+    "validate_frame",
+    "wide",
+]

@@ -1,0 +1,3 @@
+from autopsy.cli import run
+
+run()

@@ -1,0 +1,263 @@
+"""Non-finite numbers in the logs: NaN/Inf losses and gradient norms, and the 0.0 that hides them.
+
+HF Trainer writes bare ``NaN`` into trainer_state.json, but with its default
+``logging_nan_inf_filter=True`` a window whose losses were all NaN is logged as ``loss: 0.0``; the
+pre-clip ``grad_norm`` is logged unfiltered, so it is often the only trace of the NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from autopsy.detectors._common import evidence_value, loss_metrics, minutes_between, restart_point, rl_objective
+from autopsy.detectors._registry import detector
+from autopsy.findings import Finding, Severity
+from autopsy.frame import RunInfo, series
+
+__all__ = ["loss_zero_collapse", "nan_grad_norm", "nan_loss"]
+
+
+def _nonfinite_run(values: pd.Series) -> dict | None:
+    """First non-finite point of a series and how it continued (None when all finite)."""
+    v = values.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(v)
+    if not bad.any():
+        return None
+    steps = values.index.to_numpy()
+    i = int(np.argmax(bad))
+    finite_before = np.flatnonzero(~bad[:i])
+    finite_after = np.flatnonzero(~bad[i:])
+    last_finite = int(steps[finite_before[-1]]) if finite_before.size else None
+    first_val = float(v[i])
+    return {
+        "first_step": int(steps[i]),
+        "first_value": first_val,
+        "last_finite_step": last_finite,
+        "last_finite_value": float(v[finite_before[-1]]) if finite_before.size else None,
+        "nonfinite_points": int(bad.sum()),
+        "points": int(v.size),
+        "last_step": int(steps[-1]),
+        # the series never came back: every point from the first bad one to the end is non-finite
+        "persistent": bool(finite_after.size == 0),
+        "recovered_points": int(finite_after.size),
+        "kinds": sorted({"NaN" if np.isnan(x) else ("Infinity" if x > 0 else "-Infinity") for x in v[bad]}),
+    }
+
+
+def _grad_climb(frame: pd.DataFrame, first_bad: int) -> dict:
+    """When the grad norm began to climb before ``first_bad`` (precursor)."""
+    g = series(frame, "train/grad_norm")
+    g = g[(g.index < first_bad) & np.isfinite(g.to_numpy())]
+    if len(g) < 6:
+        return {}
+    v = g.to_numpy()
+    base = float(np.median(v[: max(3, len(v) // 2)]))
+    if base <= 0:
+        return {}
+    high = v > 3.0 * base  # a norm 3x its earlier median is a climb, not noise
+    if not high[-1]:
+        return {"grad_norm_median_before": evidence_value(base), "grad_norm_before_failure": evidence_value(float(v[-1]))}
+    # start of the last contiguous high stretch
+    j = len(v) - 1
+    while j > 0 and high[j - 1]:
+        j -= 1
+    start = int(g.index[j])
+    out = {
+        "grad_norm_median_before": evidence_value(base),
+        "grad_norm_before_failure": evidence_value(float(v[-1])),
+        "grad_norm_climb_start": start,
+        "climb_steps_before_failure": int(first_bad - start),
+    }
+    minutes = minutes_between(frame, "train/grad_norm", start, int(g.index[-1]))
+    if minutes is not None:
+        out["climb_minutes_before_failure"] = minutes
+    return out
+
+
+def _nan_cause(info: RunInfo | None) -> str:
+    parts = ["a too-high learning rate or an overflow in low precision poisoned the update"]
+    if info is not None:
+        if info.config_value("fp16") is True:
+            parts = ["fp16 overflow: the run used fp16, whose range (max 65504) activations and gradients exceed"]
+        lr = info.config_value("learning_rate")
+        if lr is not None:
+            parts.append(f"learning_rate={lr}")
+    return "; ".join(parts) + "; or a bad batch (all labels masked, corrupt ids)"
+
+
+_NAN_FIX = (
+    "restart from the last finite checkpoint with a lower learning rate (2-10x), bf16 instead of fp16, "
+    "max_grad_norm=1.0; replay the failing step with `autopsy replay` to find the layer that overflowed"
+)
+
+
+@detector(requires_any=("train/loss", "eval/loss"), signatures=("nan_loss",), tags=("numerics",))
+def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
+    """A loss is NaN or infinite at some step.
+
+    Signature: a logged train or eval loss is NaN/+inf/-inf.
+    Likely causes: learning rate too high, fp16 overflow, a bad batch.
+    What to check next: the grad norm before the first bad step; lower the LR, use bf16, clip; replay the batch.
+    """
+    out = []
+    for metric in loss_metrics(frame):
+        run = _nonfinite_run(series(frame, metric))
+        if run is None:
+            continue
+        first = run["first_step"]
+        evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds")}
+        evidence["kinds"] = run["kinds"]
+        evidence.update(restart_point(info, first))
+        evidence.update(_grad_climb(frame, first))
+        severity = Severity.CRITICAL if run["persistent"] or metric.startswith("eval/") else Severity.WARNING
+        where = "train" if metric.startswith("train/") else "eval"
+        summary = f"{where} loss is {run['kinds'][0]} from step {first}"
+        if not run["persistent"]:
+            summary = f"{where} loss was non-finite at {run['nonfinite_points']} of {run['points']} points from step {first}, then finite again"
+        out.append(
+            Finding(
+                signature="nan_loss",
+                severity=severity,
+                step=first,
+                end_step=run["last_step"] if run["persistent"] else None,
+                metric=metric,
+                summary=summary,
+                evidence=evidence,
+                cause=_nan_cause(info),
+                fix=_NAN_FIX,
+            )
+        )
+    return out
+
+
+@detector(requires=("train/grad_norm",), signatures=("nan_grad_norm",), tags=("numerics",))
+def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
+    """The gradient norm is NaN or infinite: the update poisoned the weights.
+
+    Signature: the logged (pre-clip) grad norm is NaN/Inf, even where the logged loss looks finite.
+    Likely causes: as nan_loss; HF Trainer's default logging_nan_inf_filter=True hides NaN losses (they log as 0.0),
+    so the grad norm is often the only trace. An isolated non-finite norm that the run recovered from is the fp16
+    loss scaler skipping a step (warning, not critical).
+    What to check next: the last finite checkpoint before the first bad step; the grad norm's climb before it.
+    """
+    run = _nonfinite_run(series(frame, "train/grad_norm"))
+    if run is None:
+        return []
+    first = run["first_step"]
+    evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds")}
+    evidence["kinds"] = run["kinds"]
+    evidence["first_value"] = run["kinds"][0] if np.isnan(run["first_value"]) else evidence_value(run["first_value"])
+    evidence.update(restart_point(info, first))
+    evidence.update(_grad_climb(frame, first))
+    loss = series(frame, "train/loss")
+    after = loss[loss.index >= first]
+    if len(after):
+        evidence["loss_after_first_bad"] = evidence_value(float(after.iloc[0]))
+        evidence["loss_zero_after"] = bool((after.to_numpy() == 0.0).all())
+    evidence["steps_after_failure"] = int(run["last_step"] - first + 1)
+    # the weights are gone when the norm never came back, or when the loss is NaN/0.0 afterwards
+    dead = run["persistent"] or (len(after) > 0 and (~np.isfinite(after.to_numpy()) | (after.to_numpy() == 0.0)).mean() > 0.5)
+    if dead:
+        severity = Severity.CRITICAL
+        summary = f"grad norm is {run['kinds'][0]} from step {first} to the end of the run ({run['nonfinite_points']} logged points)"
+    else:
+        severity = Severity.WARNING
+        summary = (
+            f"grad norm was non-finite at {run['nonfinite_points']} of {run['points']} points from step {first}, "
+            "and the run recovered (skipped steps)"
+        )
+    cause = _nan_cause(info)
+    if evidence.get("loss_zero_after"):
+        cause += "; the loss reads 0.0 because logging_nan_inf_filter=True replaced the NaN losses"
+    return [
+        Finding(
+            signature="nan_grad_norm",
+            severity=severity,
+            step=first,
+            end_step=run["last_step"] if run["persistent"] else None,
+            metric="train/grad_norm",
+            summary=summary,
+            evidence=evidence,
+            cause=cause,
+            fix=_NAN_FIX if dead else "check the fp16 loss scale; if skips are frequent, switch to bf16",
+        )
+    ]
+
+
+@detector(requires=("train/loss",), signatures=("loss_zero_collapse",), tags=("numerics",))
+def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_points: int = 3) -> list[Finding]:
+    """The train loss drops to exactly 0.0 and stays there.
+
+    Signature: at least `min_points` consecutive logged losses of exactly 0.0 after a non-zero loss, to the end of
+    the run (or a long stretch). A real LM loss is never exactly 0.0.
+    Likely causes: HF Trainer logs 0.0 for a window whose losses were all NaN (logging_nan_inf_filter=True); or every
+    label is -100 (nothing to learn). RL/preference losses (GRPO) can be exactly 0 and are not reported.
+    What to check next: the grad norm at the same steps (NaN => hidden NaN); the labels of the batch (all -100?).
+    """
+    loss = series(frame, "train/loss")
+    v = loss.to_numpy(dtype=np.float64)
+    if v.size < min_points + 1:
+        return []
+    zero = v == 0.0
+    if not zero.any():
+        return []
+    # the trailing stretch of zeros, or the longest stretch, whichever is longer
+    idx = np.flatnonzero(np.diff(np.concatenate(([0], zero.astype(np.int8), [0]))))
+    starts, ends = idx[::2], idx[1::2]
+    lengths = ends - starts
+    k = int(np.argmax(lengths))
+    start, end, length = int(starts[k]), int(ends[k]) - 1, int(lengths[k])
+    to_end = end == v.size - 1
+    if length < min_points or start == 0:
+        return []
+    before = v[:start]
+    before = before[np.isfinite(before)]
+    if before.size == 0 or np.median(np.abs(before)) == 0:
+        return []
+    steps = loss.index.to_numpy()
+    first, last = int(steps[start]), int(steps[end])
+    g = series(frame, "train/grad_norm")
+    g_during = g[(g.index >= first) & (g.index <= last)].to_numpy()
+    grad_nonfinite = bool(g_during.size and (~np.isfinite(g_during)).mean() > 0.5)
+    grad_zero = bool(g_during.size and np.isfinite(g_during).all() and (np.abs(g_during) < 1e-12).mean() > 0.5)
+    if rl_objective(frame, info) and not grad_nonfinite:
+        return []  # GRPO/PPO losses are exactly 0 by construction at times
+    evidence = {
+        "first_zero_step": first,
+        "last_zero_step": last,
+        "zero_points": length,
+        "to_end_of_run": bool(to_end),
+        "loss_before": evidence_value(float(before[-1])),
+        "median_loss_before": evidence_value(float(np.median(before))),
+        "last_nonzero_step": int(steps[start - 1]),
+    }
+    if g_during.size:
+        evidence["grad_norm_nonfinite_share"] = evidence_value(float((~np.isfinite(g_during)).mean()))
+    evidence.update(restart_point(info, first))
+    if grad_nonfinite:
+        cause = ("the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
+                 "all NaN, and the grad norm is non-finite at the same steps")
+        fix = _NAN_FIX + "; set logging_nan_inf_filter=False to see NaN losses as they happen"
+        severity = Severity.CRITICAL
+    elif grad_zero:
+        cause = "no gradient flows: every label is -100 (masked) or the loss is detached"
+        fix = "check the collator's labels (are all -100?), the prompt masking, and that trainable parameters exist"
+        severity = Severity.CRITICAL
+    else:
+        cause = "a NaN hidden by logging_nan_inf_filter, or every label masked (-100)"
+        fix = "log the grad norm, set logging_nan_inf_filter=False, and check that the labels are not all -100"
+        severity = Severity.CRITICAL if to_end else Severity.ERROR
+    return [
+        Finding(
+            signature="loss_zero_collapse",
+            severity=severity,
+            step=first,
+            end_step=last,
+            metric="train/loss",
+            summary=f"train loss is exactly 0.0 from step {first}" + (" to the end of the run" if to_end else f" to step {last}"),
+            evidence=evidence,
+            cause=cause,
+            fix=fix,
+        )
+    ]

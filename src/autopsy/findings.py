@@ -1,0 +1,146 @@
+"""Findings, their severity, and the report that collects them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["Finding", "Report", "RunReport", "Severity", "findings_to_frame"]
+
+
+class Severity(enum.IntEnum):
+    """How much a finding matters (ordered): info < warning < error < critical."""
+
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+    CRITICAL = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str | Severity) -> Severity:
+        if isinstance(text, Severity):
+            return text
+        try:
+            return cls[str(text).strip().upper()]
+        except KeyError:
+            from autopsy.errors import UsageError
+
+            raise UsageError(f"unknown severity {text!r}: use one of info, warning, error, critical") from None
+
+
+@dataclass
+class Finding:
+    """One diagnosed signature with the evidence behind it.
+
+    ``step`` is the first step at which the signature is visible (the run's own global step),
+    ``end_step`` the last one (or ``None``). ``evidence`` holds numbers a reader can re-check.
+    """
+
+    signature: str
+    severity: Severity
+    summary: str
+    step: int | None = None
+    end_step: int | None = None
+    metric: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""
+    fix: str = ""
+    detector: str = ""
+    run: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signature": self.signature,
+            "severity": str(self.severity),
+            "step": None if self.step is None else int(self.step),
+            "end_step": None if self.end_step is None else int(self.end_step),
+            "metric": self.metric,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "cause": self.cause,
+            "fix": self.fix,
+            "detector": self.detector,
+        }
+
+
+@dataclass
+class RunReport:
+    """Everything found about one run."""
+
+    run: str
+    path: str = ""
+    sources: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    info: Any = field(default=None, repr=False, compare=False)  # autopsy.frame.RunInfo
+
+    @property
+    def worst(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)
+
+    def sorted_findings(self) -> list[Finding]:
+        """Most severe first, then by step."""
+        return sorted(self.findings, key=lambda f: (-int(f.severity), f.step if f.step is not None else 1 << 62, f.signature))
+
+    def verdict(self) -> str:
+        """One line: did the run fail, and how."""
+        worst = self.worst
+        if worst is None or worst < Severity.WARNING:
+            return "healthy: nothing at warning or above"
+        top = self.sorted_findings()[0]
+        where = f" at step {top.step}" if top.step is not None else ""
+        word = {Severity.CRITICAL: "FAILED", Severity.ERROR: "unhealthy", Severity.WARNING: "worth a look"}[worst]
+        return f"{word}: {top.signature}{where}: {top.summary}"
+
+
+@dataclass
+class Report:
+    """The postmortem of one or more runs."""
+
+    runs: list[RunReport] = field(default_factory=list)
+    version: str = ""
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for r in self.runs for f in r.findings]
+
+    @property
+    def worst(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)
+
+    def reaches(self, severity: Severity | str) -> bool:
+        """True when any finding is at ``severity`` or above (``--fail-on``)."""
+        level = Severity.parse(severity)
+        return any(f.severity >= level for f in self.findings)
+
+    def to_frame(self) -> pd.DataFrame:
+        return findings_to_frame(self.findings)
+
+
+def findings_to_frame(findings: list[Finding]) -> pd.DataFrame:
+    """A frame of findings for notebooks: one row each, most severe first."""
+    rows = [
+        {
+            "run": f.run,
+            "signature": f.signature,
+            "severity": str(f.severity),
+            "step": f.step,
+            "end_step": f.end_step,
+            "metric": f.metric,
+            "summary": f.summary,
+            "cause": f.cause,
+            "fix": f.fix,
+        }
+        for f in sorted(findings, key=lambda f: (-int(f.severity), f.step if f.step is not None else 1 << 62))
+    ]
+    cols = ["run", "signature", "severity", "step", "end_step", "metric", "summary", "cause", "fix"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,73 @@
+"""Report -> strict JSON (the contract of SIGNATURES.md): non-finite numbers as "NaN"/"Infinity"/"-Infinity"."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from autopsy.findings import Report
+
+__all__ = ["render_json", "report_to_dict", "strict"]
+
+
+def strict(obj: Any, _depth: int = 0) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts."""
+    if _depth > 50:
+        return str(obj)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "Infinity" if v > 0 else "-Infinity"
+        return v
+    if isinstance(obj, dict):
+        return {str(k): strict(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [strict(v, _depth + 1) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [strict(v, _depth + 1) for v in obj.tolist()]
+    if hasattr(obj, "to_dict"):
+        return strict(obj.to_dict(), _depth + 1)
+    return str(obj)
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    runs = []
+    for r in report.runs:
+        entry: dict[str, Any] = {
+            "run": r.run,
+            "path": r.path,
+            "sources": r.sources,
+            "config": r.config,
+            "verdict": r.verdict(),
+            "findings": [f.to_dict() for f in r.sorted_findings()],
+            "skipped": r.skipped,
+        }
+        if r.errors:
+            entry["errors"] = r.errors
+        info = r.info
+        if info is not None:
+            entry["run_info"] = {
+                "max_steps": info.max_steps,
+                "global_step": info.global_step,
+                "logging_steps": info.logging_steps,
+                "eval_steps": info.eval_steps,
+                "save_steps": info.save_steps,
+                "checkpoints": {str(k): v for k, v in sorted(info.checkpoints.items())},
+                "damage": [d.to_dict() for d in info.damage],
+                "notes": info.notes,
+            }
+        runs.append(entry)
+    return {"autopsy_version": report.version, "runs": runs}
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(strict(report_to_dict(report)), indent=2, allow_nan=False) + "\n"

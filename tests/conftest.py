@@ -1,0 +1,49 @@
+"""Shared paths and expensive fixtures (real Trainer runs are made once per test session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+RUNS = FIXTURES / "runs"
+SHARED = REPO.parent / "shared"
+REAL_LOGS = SHARED / "real-logs"
+ISSUE_LOGS = SHARED / "issue-logs"
+
+sys.path.insert(0, str(FIXTURES))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def nan_run() -> Path:
+    """Committed real Trainer run: inf planted after step 30 (grad norm NaN, loss 0.0 from step 31)."""
+    return RUNS / "nan-at-31"
+
+
+@pytest.fixture(scope="session")
+def healthy_run() -> Path:
+    return RUNS / "healthy"
+
+
+@pytest.fixture(scope="session")
+def fresh_nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A NaN run trained now by the real HF Trainer (not the committed copy)."""
+    import tinyllama
+
+    out = tmp_path_factory.mktemp("fresh") / "nan-run"
+    tinyllama.train(out, max_steps=40, learning_rate=5e-4, plant_inf_at=30, eval_steps=20, save_steps=10)
+    return out
+
+
+def needs_shared(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path} is not present (../shared/ is beside the repo in CI and on dev machines)")
