@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -151,6 +152,29 @@ def analyze(
 
 
 @app.command()
+def replay(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint dir (full model or PEFT adapter), or a run's output dir recorded with AutopsyCallback.", show_default=False)],
+    batch: Annotated[Optional[Path], typer.Option("--batch", "-b", help="safetensors batch file (input_ids, attention_mask, labels).")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="Local base model dir for a PEFT adapter (default: the one it names).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
+    from_checkpoint: Annotated[Optional[str], typer.Option("--from", help="Replay from this checkpoint of the run dir (checkpoint-N).")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")] = None,
+    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical).")] = None,
+) -> None:
+    """Reload a checkpoint and a batch, and localize the module where the first NaN/Inf is born."""
+    from autopsy.findings import Severity
+    from autopsy.replay import replay as run_replay
+
+    fmt = _pick_format(format, out)
+    level = Severity.parse(fail_on) if fail_on else None
+    report = run_replay(checkpoint, batch=batch, base=base, device=device, from_checkpoint=from_checkpoint)
+    _emit(_render(report, fmt, out, plots=False), out, fmt)
+    if level is not None and report.reaches(level):
+        raise typer.Exit(1)
+
+
+@app.command()
 def detectors(
     name: Annotated[Optional[str], typer.Argument(help="Show one detector's full documentation.")] = None,
 ) -> None:
@@ -177,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        rc = app(args=args, prog_name="autopsy", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:  # numpy/pandas warnings about NaN-laden series are noise to a user (--debug shows them)
+                warnings.simplefilter("ignore")
+            rc = app(args=args, prog_name="autopsy", standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except (AutopsyError,) as exc:

@@ -154,6 +154,11 @@ METRIC_ALIASES: dict[str, str] = {
     "grad-norm": "train/grad_norm",
     "gradnorm": "train/grad_norm",
     "train/global_grad_norm": "train/grad_norm",
+    "gnorm": "train/grad_norm",  # fairseq
+    "train/gnorm": "train/grad_norm",
+    "lm_loss": "train/loss",  # Megatron "lm loss"
+    "loss_train": "train/loss",  # LitGPT "loss train: X"
+    "learning_rate_step": "train/learning_rate",  # Lightning progress bar
     # learning rate
     "learning_rate": "train/learning_rate",
     "train/learning_rate": "train/learning_rate",
@@ -281,20 +286,33 @@ def make_frame(
 
 
 def _superseded(frame: pd.DataFrame) -> np.ndarray:
-    """Rows rewritten later in the same run/source/metric (row order = write order)."""
-    if frame.empty:
+    """Rows rewritten later in the same run/source/metric (row order = write order).
+
+    A row is superseded when a later row of its series has a step <= its own: the step was logged
+    again (a duplicate), or the run went back to an earlier step (resumed from a checkpoint) and so
+    abandoned what it had logged past that point. Vectorised: one stable sort by series, then a
+    reversed per-series running minimum.
+    """
+    n = len(frame)
+    if n == 0:
         return np.zeros(0, dtype=bool)
-    keys = ["run", "source", "metric", "step"]
-    dup_later = frame.duplicated(keys, keep="last").to_numpy()
-    # A resumed run goes back in steps: every row logged before the restart at a step >= the
-    # restart step was rewritten (or abandoned) by the resumed run.
-    out = dup_later.copy()
-    grp = frame.groupby(["run", "source", "metric"], sort=False)["step"]
-    # minimum of the steps logged *after* each row (exclusive): a later smaller-or-equal step means
-    # this row's segment was abandoned by a resume from an earlier checkpoint.
-    rev_cummin = grp.transform(lambda s: s[::-1].cummin()[::-1].shift(-1))
-    abandoned = (rev_cummin.to_numpy() <= frame["step"].to_numpy()) & ~np.isnan(rev_cummin.to_numpy())
-    out |= abandoned
+    code = np.zeros(n, dtype=np.int64)
+    for col in ("run", "source", "metric"):
+        c, uniq = pd.factorize(frame[col], use_na_sentinel=False)
+        code = code * max(len(uniq), 1) + c
+    step = frame["step"].to_numpy(dtype=np.int64)
+    order = np.argsort(code, kind="stable")
+    rev_code = code[order][::-1]
+    rev_step = step[order][::-1]
+    inclusive = pd.Series(rev_step).groupby(rev_code, sort=False).cummin().to_numpy()
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    first[1:] = rev_code[1:] != rev_code[:-1]
+    later_min = np.empty(n, dtype=np.int64)
+    later_min[1:] = inclusive[:-1]
+    later_min[first] = np.iinfo(np.int64).max
+    out = np.empty(n, dtype=bool)
+    out[order] = (later_min <= rev_step)[::-1]
     return out
 
 
@@ -325,6 +343,16 @@ def merge_sources(frame: pd.DataFrame) -> pd.DataFrame:
     """
     if frame.empty or frame["source"].nunique() <= 1:
         return frame
+    # A console log's step axis is inferred (HF dict lines carry no step), so where a structured source
+    # (trainer_state, TensorBoard, W&B) logs the same metric, the console's rows are left out entirely.
+    is_console = (frame["source"] == "console").to_numpy()
+    if is_console.any() and not is_console.all():
+        structured = set(frame.loc[~is_console, "metric"].unique())
+        drop = is_console & frame["metric"].isin(structured).to_numpy()
+        if drop.any():
+            attrs = frame.attrs
+            frame = frame[~drop].reset_index(drop=True)
+            frame.attrs = attrs
     live = frame[~frame["superseded"]]
     density = live.groupby(["run", "metric", "source"], sort=False)["step"].nunique().rename("n").reset_index()
     # tie-break by a fixed source preference: loggers that see every step first

@@ -137,7 +137,7 @@ def load(path: str | os.PathLike[str], *, engine: str = "auto") -> pd.DataFrame:
     Run metadata is in ``frame.attrs["runs"]`` (use :func:`autopsy.frame.run_info`).
     """
     spec = str(path)
-    if spec.startswith("wandb://"):
+    if spec.startswith("wandb:/"):  # a CLI Path collapses wandb:// to wandb:/
         from autopsy.importers.wandb import load_wandb_url
 
         return load_wandb_url(spec)

@@ -20,6 +20,7 @@ MAX_DEPTH = 8  # HF output dirs put event files 2 deep (runs/<date_host>/); W&B 
 MAX_FILES = 200_000
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_HPARAMS_DIR = re.compile(r"^\d{9,11}\.\d+$")  # HF's old add_hparams: <run dir>/<time.time()>/events...
 _CONSOLE_SUFFIXES = (".log", ".out", ".txt", ".err", ".stdout", ".stderr")
 _CONSOLE_NAMES = re.compile(r"(nohup|slurm|train|output|stdout|stderr|console|log)", re.I)
 
@@ -44,6 +45,9 @@ def classify(path: Path) -> str | None:
     name = path.name
     if name == "trainer_state.json":
         return "trainer_state"
+    wandb_kind = _classify_wandb(path)
+    if wandb_kind is not None:
+        return wandb_kind or None
     if "tfevents" in name:
         return "tensorboard"
     if name.endswith(".wandb"):
@@ -60,6 +64,24 @@ def classify(path: Path) -> str | None:
         if name.endswith(".txt") and not _CONSOLE_NAMES.search(name):
             return "console_maybe"
         return "console"
+    return None
+
+
+_WANDB_RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-\w+$")
+
+
+def _classify_wandb(path: Path) -> str | None:
+    """W&B's own files: ``""`` for files to ignore (its debug logs), ``"wandb"`` for a synced run's
+    ``files/config.yaml`` and ``files/wandb-summary.json`` (read by the W&B importer with the run's
+    ``.wandb``), ``None`` when the file is not W&B's."""
+    name = path.name
+    parent = path.parent
+    if name in ("debug.log", "debug-internal.log", "debug-core.log", "debug-cli.log") and (
+        parent.name == "wandb" or (parent.name == "logs" and _WANDB_RUN_DIR.match(parent.parent.name))
+    ):
+        return ""  # W&B's internal logs, not the training's console
+    if name in ("config.yaml", "wandb-summary.json") and parent.name == "files" and _WANDB_RUN_DIR.match(parent.parent.name):
+        return "wandb"
     return None
 
 
@@ -99,7 +121,7 @@ def _walk(root: Path) -> list[Path]:
                     out.append(p)
                     if len(out) >= MAX_FILES:
                         return out
-            except OSError:
+            except (OSError, RuntimeError):  # RuntimeError: a symlink loop (a -> b -> a) on Python < 3.13
                 continue
     return sorted(out)
 
@@ -134,6 +156,52 @@ def _run_root(path: Path, kind: str, base: Path) -> Path:
     return parent
 
 
+def _tensorboard_roots(files: list[Path], base: Path) -> dict[Path, Path]:
+    """The run each event file belongs to (TensorBoard layouts).
+
+    - ``<run dir>/<unix time>/events...`` (HF's old hparams subdir) belongs to ``<run dir>``;
+    - HF's ``<output_dir>/runs/<date_host>/``: the run is ``<output_dir>`` when ``runs/`` holds one
+      such dir, else each ``runs/<x>`` dir is a run of its own (several launches, or custom
+      ``logging_dir`` names such as ``runs/run0..4``); the files of one dir are one run, read in
+      write order (a resumed or restarted writer);
+    - any other dir (a flat ``logs/`` shared by several launches): one file, one run, unless the
+      dir holds a single event file.
+    """
+    events = [f for f in files if classify(f) == "tensorboard"]
+
+    def own_dir(f: Path) -> Path:
+        d = f.parent
+        return d.parent if _HPARAMS_DIR.match(d.name) and d != base else d
+
+    by_dir: dict[Path, list[Path]] = {}
+    for f in events:
+        by_dir.setdefault(own_dir(f), []).append(f)
+    per_runs_dir: dict[Path, int] = {}
+    for d in by_dir:
+        if d.parent.name == "runs" and d.parent != base and d.parent.parent.is_relative_to(base):
+            per_runs_dir[d.parent] = per_runs_dir.get(d.parent, 0) + 1
+    out: dict[Path, Path] = {}
+    for d, group in by_dir.items():
+        if _CHECKPOINT_DIR.match(d.name):
+            root = d.parent if d != base else d
+            out.update({f: root for f in group})
+        elif d.parent in per_runs_dir:
+            root = d.parent.parent if per_runs_dir[d.parent] == 1 else d
+            out.update({f: root for f in group})
+        elif len([f for f in group if f.parent == d]) > 1:
+            for f in group:
+                out[f] = f if f.parent == d else own_dir(f)
+        else:
+            out.update({f: d for f in group})
+    # an hparams subdir file whose dir was split per file joins the first file of that dir
+    for f, root in list(out.items()):
+        if root == own_dir(f) and f.parent != root and root not in out.values():
+            siblings = sorted(g for g in by_dir[root] if g.parent == root)
+            if siblings:
+                out[f] = out[siblings[0]]
+    return out
+
+
 def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
     """The runs under ``path`` with their files. Raises :class:`InputError` when there is nothing to read."""
     p = Path(path)
@@ -154,6 +222,7 @@ def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
     files = _walk(p)
     runs: dict[Path, RunFiles] = {}
     consoles: list[tuple[Path, str]] = []
+    tb_roots = _tensorboard_roots(files, base)
     for f in files:
         kind = classify(f)
         if kind is None:
@@ -161,7 +230,7 @@ def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
         if kind in ("console", "console_maybe"):
             consoles.append((f, kind))
             continue
-        root = _run_root(f, kind, base)
+        root = tb_roots.get(f) or _run_root(f, kind, base)
         run = runs.get(root)
         if run is None:
             run = runs[root] = RunFiles(name="", root=root)
@@ -187,11 +256,35 @@ def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
             runs[root] = run
             run.add("console", f)
     # W&B's files/output.log is the run's console output: read it as such
+    _fold_wandb_into_output_dir(runs)
     if not runs:
         raise InputError(f"nothing autopsy can read under {p}: no trainer_state.json, TensorBoard event file, W&B run or log")
     out = sorted(runs.values(), key=lambda r: str(r.root))
     _name_runs(out, base)
     return out
+
+
+def _fold_wandb_into_output_dir(runs: dict[Path, RunFiles]) -> None:
+    """A single W&B run dir at ``<output_dir>/wandb/(offline-)run-*/`` belongs to the run at
+    ``<output_dir>`` (the same training logged to trainer_state/TensorBoard and W&B): its files join
+    that run, so the sources merge into one. With several W&B runs there, which one matches is
+    unknown, so they stay separate runs."""
+    by_parent: dict[Path, list[Path]] = {}
+    for root, run in runs.items():
+        if "wandb" in run.files and _WANDB_RUN_DIR.match(root.name) and root.parent.name == "wandb":
+            by_parent.setdefault(root.parent.parent, []).append(root)
+    for out_dir, roots in by_parent.items():
+        owner = runs.get(out_dir)
+        if owner is None or len(roots) != 1 or not ({"trainer_state", "tensorboard"} & set(owner.files)):
+            continue
+        # TensorBoard dirs of several trainings (runs/<a>/, runs/<b>/): which one W&B saw is unknown
+        tb_dirs = {p.relative_to(out_dir).parts[:2] for p in owner.files.get("tensorboard", [])}
+        if len(tb_dirs) > 1:
+            continue
+        wb = runs.pop(roots[0])
+        for kind, paths in wb.files.items():
+            for path in paths:
+                owner.add(kind, path)
 
 
 def _name_for_file(p: Path) -> str:

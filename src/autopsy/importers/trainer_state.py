@@ -31,6 +31,7 @@ MAX_BYTES = 2 << 30  # a trainer_state.json larger than 2 GiB is not an HF file
 # keys of the final summary entry (Trainer.train's last log): run totals, not series
 _SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
 _NON_METRIC_KEYS = {"step", "epoch_float"}
+_MAX_STEP = 2**53  # steps are counted in int64 but compared as floats: larger ones are not exact
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -72,9 +73,23 @@ def _salvage(text: str) -> tuple[dict[str, Any], int]:
     return state, pos
 
 
+def _sniff(path: Path, head: int = 4096) -> None:
+    """Refuse a file that cannot be a trainer_state.json from its first bytes, before reading all of it.
+
+    HF writes a JSON object: ``{`` after optional whitespace. A sparse, zero-filled or binary file
+    (a crashed copy, a mis-named file) is rejected here with bounded memory, however large it is.
+    """
+    with path.open("rb") as fh:
+        start = fh.read(head)
+    body = start.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+    if body[:1] != b"{":
+        what = repr(body[:16]) if body else "only whitespace"
+        raise UnreadableError(f"{path}: not a JSON object (starts with {what})")
+
+
 def parse_trainer_state(data: bytes, *, file: str = "trainer_state.json") -> tuple[dict[str, Any], Damage | None]:
     """Parse the bytes of a trainer_state.json; salvage what precedes any damage."""
-    text = data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
     try:
         state = json.loads(text, parse_constant=_constant)
     except RecursionError:
@@ -94,8 +109,10 @@ def parse_trainer_state(data: bytes, *, file: str = "trainer_state.json") -> tup
     return state, None
 
 
-def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFrame, dict[str, Any], int]:
-    """Long rows (raw, step, value, order, rank) of one log_history. Returns (rows, summary, entries without step).
+def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFrame, dict[str, Any], int, int]:
+    """Long rows (raw, step, value, order, rank) of one log_history.
+
+    Returns (rows, summary, entries without a step, entries dropped for an invalid step).
 
     Vectorised per column: a key missing from an entry is absent, a ``NaN`` written by HF is kept
     (the parser turns it into the :data:`_NAN` sentinel so the two can be told apart).
@@ -103,7 +120,7 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
     entries = [e for e in history if isinstance(e, dict)]
     empty = pd.DataFrame({"raw": [], "step": [], "value": [], "order": [], "rank": []})
     if not entries:
-        return empty, {}, 0
+        return empty, {}, 0, 0
     wide = pd.DataFrame.from_records(entries)
     summary: dict[str, Any] = {}
     # the final summary entry has train_runtime: its values are the run's summary, not series
@@ -116,8 +133,16 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
     # entries without a step take the previous entry's step (HF always writes one; hand-made files may not)
     step = pd.to_numeric(wide["step"], errors="coerce") if "step" in wide.columns else pd.Series(np.nan, index=wide.index)
     step = step.where(np.isfinite(step.to_numpy(dtype=float)))
+    # a step that is not a whole number in [0, 2**53) is not a global step: drop the entry (a single
+    # negative step would otherwise read as a resume that supersedes the whole history before it)
+    sv = step.to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isnan(sv) & ((sv < 0) | (sv >= _MAX_STEP) | (sv != np.floor(sv)))
+    invalid = int(bad.sum())
+    if invalid:
+        wide, step = wide[~bad], step[~bad]
     missing = int(step.isna().sum())
-    step = step.ffill().fillna(0).clip(-(2**62), 2**62).round().astype(np.int64).to_numpy()
+    step = step.ffill().fillna(0).astype(np.int64).to_numpy()
     order = np.arange(len(wide))
     raws, steps, values, orders = [], [], [], []
     for col in wide.columns:
@@ -126,7 +151,7 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
         data = wide[col]
         if data.dtype == bool:
             continue
-        if data.dtype == object:
+        if not pd.api.types.is_numeric_dtype(data.dtype):  # object, or pandas 3 string columns
             is_nan = (data == _NAN).to_numpy(dtype=bool)
             is_bool = data.map(type).isin((bool,)).to_numpy()
             num = pd.to_numeric(data.where(~is_nan & ~is_bool), errors="coerce").to_numpy(dtype=np.float64)
@@ -142,11 +167,11 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
         values.append(num[keep])
         orders.append(order[keep])
     if not raws:
-        return empty, summary, missing
+        return empty, summary, missing, invalid
     long = pd.DataFrame({"raw": np.concatenate(raws), "step": np.concatenate(steps), "value": np.concatenate(values),
                          "order": np.concatenate(orders)})
     long["rank"] = rank
-    return long, summary, missing
+    return long, summary, missing, invalid
 
 
 def _as_number(x: Any) -> Any:
@@ -172,6 +197,7 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
             if size == 0:
                 info.damage.append(Damage(file=str(path), offset=0, problem="empty file (0 bytes)", salvaged="nothing"))
                 continue
+            _sniff(path)
             state, damage = parse_trainer_state(path.read_bytes(), file=str(path))
         except UnreadableError as exc:
             info.damage.append(Damage(file=str(path), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing"))
@@ -182,6 +208,8 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
         if damage is not None:
             info.damage.append(damage)
         gs = _int_or_none(state.get("global_step"))
+        if gs is None:  # no usable global_step: rank the file by the last step it logged
+            gs = _last_logged_step(state.get("log_history"))
         is_root = _CHECKPOINT.search(path.parent.name) is None
         parsed.append((gs if gs is not None else -1, 1 if is_root else 0, path, state))
         info.files.append(str(path))
@@ -196,7 +224,9 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
             if history is not None:
                 info.notes.append(f"{path}: log_history is {type(history).__name__}, not a list; ignored")
             history = []
-        long, summary, missing = _history_frame(history, run, rank)
+        long, summary, missing, invalid = _history_frame(history, run, rank)
+        if invalid:
+            info.notes.append(f"{path}: {invalid} log_history entries dropped: their step is negative, fractional or too large")
         if missing:
             info.notes.append(f"{path}: {missing} log_history entries had no step; they took the previous entry's step")
         for key, value in summary.items():
@@ -225,6 +255,15 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
         frame = make_frame(run=[], source=[], metric=[], step=[], value=[])
     frame.attrs["runs"] = {run: info}
     return frame
+
+
+def _last_logged_step(history: Any) -> int | None:
+    if not isinstance(history, list):
+        return None
+    steps = pd.to_numeric(pd.Series([e.get("step") if isinstance(e, dict) else None for e in history], dtype=object),
+                          errors="coerce").to_numpy(dtype=float)
+    steps = steps[np.isfinite(steps) & (steps >= 0) & (steps < _MAX_STEP)]
+    return int(steps.max()) if len(steps) else None
 
 
 def _int_or_none(x: Any) -> int | None:

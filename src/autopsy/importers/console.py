@@ -1,0 +1,282 @@
+"""Console logs: what a training job printed (``nohup.out``, ``slurm-1234.out``, a CI log, lines pasted in an issue).
+
+The text is cleaned (ANSI escapes, ``\\r`` progress-bar rewrites, NUL and non-UTF-8 bytes dropped), parsed by the
+line grammars of :mod:`autopsy.importers._console_formats`, and turned into the canonical frame
+(``source="console"``). Steps come from the line when it names one (``step``/``iter`` keys, ``Epoch [e][i/N]``
+counters, tqdm's ``n/total`` beside an HF dict); otherwise they are inferred in order, and
+``RunInfo.notes`` says how. What the log says about its end goes into ``RunInfo``: ``finished`` (a final summary
+was printed), ``max_steps`` (a printed ``Total optimization steps``/``max_steps``, else a counter's total), and
+``summary["_crash"]`` (kind, exception, message, OOM sizes, last lines), which the ``crash`` detector reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from autopsy.errors import UnreadableError
+from autopsy.frame import Damage, RunInfo, canonical_metric, concat_frames, empty_frame, make_frame
+from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, find_crash, parse_console
+
+__all__ = ["parse_console_text", "read_console"]
+
+SOURCE = "console"
+MAX_BYTES = 1 << 30  # a console log over 1 GiB is read from its last GiB (the end is where crashes are)
+# a loss under another name, when the log has no plain "loss": most specific first
+_LOSS_FALLBACK = ("total_loss", "total-loss", "losses", "loss_total", "loss_net", "closs", "lm_loss", "lm-loss",
+                  "reduced_train_loss", "train_loss_epoch", "loss_sum", "objective")
+_GRAD_FALLBACK = ("norm", "grad_norm_avg", "total_grad_norm")
+_BAR_DISTANCE = 3  # lines between an HF dict and its progress bar (a blank line each side in LLaMA-Factory logs)
+_CONFIG_PRIVATE = ("_epochs_planned", "_steps_per_epoch")
+
+
+_SPLITS = ("train", "training", "valid", "val", "validation", "eval", "test")
+
+
+def _metric_name(key: str, kind: str) -> str:
+    if kind == "dict":
+        return canonical_metric(key, hf_flat=True)
+    # "val_loss valid" / "loss train" (LitGPT): a split word after a loss name names the split
+    head, _, split = key.rpartition("_")
+    if head and split in _SPLITS and "loss" in head:
+        key = head if head.startswith(_SPLITS) else f"{split}_{head}"
+    return canonical_metric(key)
+
+
+def _decode(data: bytes, file: str) -> tuple[str, list[str]]:
+    """Text of a log with binary and non-UTF-8 bytes dropped; notes say what was dropped."""
+    notes: list[str] = []
+    head = data[: 1 << 16]
+    if head and head.count(b"\x00") / len(head) > 0.3:
+        notes.append(f"{file}: looks binary (NUL bytes), not a text log; its text fragments were read")
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if bad:
+        notes.append(f"{file}: {bad} byte(s) that are not UTF-8 were skipped")
+    if "\x1b" in text or "^[[" in text:
+        text = ANSI.sub("", text)
+    text = text.translate(CONTROL)
+    return text, notes
+
+
+def _resolve_steps(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
+    """One step per record, and a sentence saying where the steps came from."""
+    n = len(p.line)
+    steps = np.full(n, -1, dtype=np.int64)
+    how: dict[str, int] = {}
+    epochs = [e for e in p.epoch if e is not None]
+    base = 0 if any(e[0] == 0 for e in epochs) else 1
+    bars = _training_bars(p)
+    tq_lines = [ln for ln, _, _ in bars]
+    for r in range(n):
+        src = None
+        if p.step[r] is not None:
+            steps[r], src = p.step[r], "the step printed on each line"
+        elif p.epoch[r] is not None:
+            e, i, tot = p.epoch[r]  # type: ignore[misc]
+            steps[r], src = (e - base) * tot + i, f"epoch x iterations-per-epoch + iteration (epochs counted from {base})"
+        elif p.counter[r] is not None:
+            steps[r], src = p.counter[r][0], "the iteration counter on each line"  # type: ignore[index]
+        elif p.kind[r] == "dict" and bars:
+            # the training bar is printed right beside each dict (before it, or re-printed after the first);
+            # a bar further away is another bar (loading weights, evaluation)
+            k = bisect.bisect_right(tq_lines, p.line[r])
+            if k > 0 and p.line[r] - tq_lines[k - 1] <= _BAR_DISTANCE:
+                steps[r] = bars[k - 1][1]
+            elif k < len(tq_lines) and tq_lines[k] - p.line[r] <= _BAR_DISTANCE:
+                steps[r] = bars[k][1]
+            if steps[r] >= 0:
+                src = "the progress bar's step printed beside each HF log dict"
+        elif p.keras_epoch[r] is not None:
+            steps[r], src = p.keras_epoch[r], "the epoch number (Keras 'Epoch e/E' headers): one point per epoch"
+        if src:
+            how[src] = how.get(src, 0) + 1
+    missing = steps < 0
+    if missing.all() and n:
+        steps, src = _infer_order(p, info)
+        how[src] = n
+    elif missing.any():
+        # lines without their own step take the previous line's (summaries printed after a logged step)
+        s = pd.Series(np.where(missing, np.nan, steps.astype(float))).ffill().fillna(0)
+        steps = s.to_numpy().astype(np.int64)
+        how["the previous line's step (lines without a step of their own)"] = int(missing.sum())
+    sentence = "; ".join(f"{k} ({v} lines)" for k, v in how.items())
+    return steps, sentence
+
+
+def _training_bars(p: ConsoleParse) -> list[tuple[int, int, int]]:
+    """The training progress bar's lines: the printed max_steps as total, else the most printed total
+    (other bars -- loading weights, writing shards, evaluation -- have other totals)."""
+    if not p.tqdm_lines:
+        return []
+    totals = [t for _, _, t in p.tqdm_lines if t > 1]
+    want = p.config.get("max_steps")
+    if want is not None and want not in totals:
+        return []  # a printed plan and no bar with that total: no training bar (disable_tqdm)
+    if want is None:
+        if not totals:
+            return []
+        want = max(set(totals), key=totals.count)
+    return [b for b in p.tqdm_lines if b[2] == want]
+
+
+def _infer_order(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
+    """No step anywhere: HF dicts from epoch x steps-per-epoch when known, else counted in order."""
+    n = len(p.line)
+    logging_steps = int(info.logging_steps or p.config.get("logging_steps") or 1)
+    is_train = np.array([not all(k.startswith(("eval_", "test_")) for k in d) for d in p.pairs], dtype=bool)
+    epoch = np.array([d.get("epoch", np.nan) for d in p.pairs], dtype=float)
+    spe = p.config.get("_steps_per_epoch")
+    if spe and np.isfinite(epoch).all() and p.kind.count("dict") == n:
+        steps = np.maximum(np.round(epoch * float(spe)), 1).astype(np.int64)
+        return steps, f"epoch x {spe:g} steps per epoch (the printed 'Num update steps per epoch')"
+    count = np.cumsum(is_train)
+    count = np.maximum(count, 1)
+    steps = (count * logging_steps).astype(np.int64)
+    where = "a printed logging_steps" if p.config.get("logging_steps") else "1 step per line: logging_steps unknown"
+    return steps, f"counting the logged lines in order x {logging_steps} ({where}); the log prints no step"
+
+
+def _fallback_names(names: set[str]) -> dict[str, str]:
+    """Rename a total loss / grad norm logged under another name when the log has no plain one."""
+    out: dict[str, str] = {}
+    if "train/loss" not in names:
+        for cand in _LOSS_FALLBACK:
+            if cand in names:
+                out[cand] = "train/loss"
+                break
+    if "train/grad_norm" not in names:
+        for cand in _GRAD_FALLBACK:
+            if cand in names:
+                out[cand] = "train/grad_norm"
+                break
+    return out
+
+
+def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> pd.DataFrame:
+    """Parse the text of a console log into a canonical frame with its :class:`RunInfo` in ``attrs``."""
+    info = RunInfo(name=run, sources=[SOURCE], files=[file])
+    p = parse_console(text)
+    cfg = {k: v for k, v in p.config.items() if k not in _CONFIG_PRIVATE}
+    info.config.update(cfg)
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        v = cfg.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            setattr(info, key, int(v))
+    if isinstance(cfg.get("num_train_epochs"), (int, float)) and cfg["num_train_epochs"] > 0:
+        info.num_train_epochs = float(cfg["num_train_epochs"])
+    printed_max = cfg.get("max_steps")
+    if isinstance(printed_max, (int, float)) and printed_max > 0:
+        info.max_steps = int(printed_max)
+    elif p.max_steps_hint:
+        info.max_steps = int(p.max_steps_hint)
+
+    steps, how = _resolve_steps(p, info)
+    rows_metric: list[str] = []
+    rows_raw: list[str] = []
+    rows_step: list[int] = []
+    rows_value: list[float] = []
+    for r, values in enumerate(p.pairs):
+        raw = p.raw_keys[r]
+        for key, value in values.items():
+            rows_metric.append(_metric_name(key, p.kind[r]))
+            rows_raw.append(raw.get(key, key))
+            rows_step.append(int(steps[r]))
+            rows_value.append(value)
+    rename = _fallback_names(set(rows_metric))
+    if rename:
+        rows_metric = [rename.get(m, m) for m in rows_metric]
+        info.notes.append(f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items())
+                          + " (the log has no plain one)")
+
+    # fp16 loss-scale messages: each is a skipped step with the new scale
+    if p.overflow:
+        bars = _training_bars(p)
+        tq_lines = [ln for ln, _, _ in bars]
+        ov_steps = []
+        for k, (ln, _) in enumerate(p.overflow):
+            if tq_lines:
+                j = bisect.bisect_right(tq_lines, ln) - 1
+                ov_steps.append(bars[j][1] if j >= 0 else max(bars[0][1] - 1, 0))
+            else:
+                ov_steps.append(k + 1)
+        if not tq_lines:
+            info.notes.append(f"{file}: loss-scale messages carry no step: numbered 1..{len(p.overflow)} in order")
+        for s, (_, scale) in zip(ov_steps, p.overflow):
+            rows_metric += ["train/loss_scale", "train/overflow"]
+            rows_raw += ["loss scale (overflow message)", "overflow message"]
+            rows_step += [s, s]
+            rows_value += [scale, 1.0]
+
+    frame = make_frame(run=run, source=SOURCE, metric=rows_metric, step=rows_step, value=rows_value,
+                       raw_metric=rows_raw) if rows_metric else empty_frame()
+
+    # the end of the log: a crash after the last metric line
+    lines = text.splitlines()
+    start = p.line[-1] if p.line else 0
+    # comment lines ("# ...") are notes around a pasted log, never the crash itself
+    tail = "\n".join("" if ln.lstrip().startswith("# ") else ln for ln in lines[start:])
+    crash = find_crash(tail, offset_line=start)
+    if crash is not None:
+        p.finished = False
+    if crash is not None:
+        crash["file"] = file
+        crash["last_step"] = int(steps[-1]) if len(steps) else None
+        info.summary["_crash"] = crash
+    if p.scale_floor_line is not None:
+        info.summary["_loss_scale_at_minimum"] = True
+    info.summary.update({k: v for k, v in p.summary.items() if k.startswith("train_") or k in ("total_flos",)})
+    info.finished = True if p.finished else (False if p.has_banner else None)
+    info.summary["_console"] = {"file": file, "lines": p.n_lines, "records": len(p.line), "step_axis": how,
+                                "printed_start": p.has_banner, "overflow_messages": len(p.overflow)}
+    if p.line:
+        info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
+        if len(steps):
+            info.global_step = int(steps.max())
+    elif crash is not None:
+        info.notes.append(f"{file}: no metric lines; the log ends in a crash ({crash['kind']})")
+    elif not p.overflow:
+        info.summary["_unrecognised"] = {"file": file, "lines": p.n_lines}
+        info.notes.append(f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
+                          "'key: value' / 'key=value' loggers, progress bars, loss-scale messages")
+    frame.attrs["runs"] = {run: info}
+    return frame
+
+
+def read_console(paths: list[str | os.PathLike[str]], *, run: str) -> pd.DataFrame:
+    """Read one run's console logs into a canonical frame (``source="console"``)."""
+    frames: list[pd.DataFrame] = []
+    info = RunInfo(name=run, sources=[SOURCE])
+    for path in map(Path, paths):
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                if size > MAX_BYTES:
+                    fh.seek(size - MAX_BYTES)
+                    info.damage.append(Damage(file=str(path), offset=0, problem=f"log of {size} bytes is over the "
+                                              f"{MAX_BYTES}-byte limit", salvaged="its last GiB"))
+                data = fh.read()
+        except OSError as exc:
+            raise UnreadableError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        text, notes = _decode(data, str(path))
+        frame = parse_console_text(text, run=run, file=str(path))
+        file_info = frame.attrs["runs"][run]
+        file_info.notes[:0] = notes
+        frames.append(frame)
+    out = concat_frames(frames)
+    merged = out.attrs.get("runs", {}).get(run)
+    if merged is not None:
+        info.merge(merged)
+        # the last file with a crash speaks for the run's end
+        for f in reversed(frames):
+            crash = f.attrs["runs"][run].summary.get("_crash")
+            if crash is not None:
+                info.summary["_crash"] = crash
+                break
+    out.attrs["runs"] = {run: info}
+    return out

@@ -1,0 +1,198 @@
+"""Batch files for replay, and the checks that run on a batch before any model sees it.
+
+A batch file is a safetensors file. The simple form holds one batch: ``input_ids``, ``attention_mask``,
+``labels`` (and any other model inputs). The recorder (:class:`autopsy.callbacks.AutopsyCallback`) writes
+several: keys ``step<N>.mb<i>.<name>`` (step N, micro-batch i), the RNG state as ``rng.<name>`` tensors,
+and string metadata (``first_bad_step``, ``reason``, ``steps``, the true per-step ``losses``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopsy.errors import InputError, UnreadableError
+from autopsy.findings import Finding, Severity
+
+__all__ = ["BatchFile", "inspect_batch", "load_batches", "save_batches"]
+
+_KEY_RE = re.compile(r"^step(\d+)\.mb(\d+)\.(.+)$")
+
+
+@dataclass
+class BatchFile:
+    """The batches of one file: ``{step: [micro-batch dict, ...]}`` (step ``None`` for a plain batch)."""
+
+    path: str
+    batches: dict[int | None, list[dict[str, Any]]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_bad_step(self) -> int | None:
+        v = self.metadata.get("first_bad_step")
+        return int(v) if v not in (None, "", "None") else None
+
+    def pick(self, step: int | None = None) -> tuple[int | None, list[dict[str, Any]]]:
+        """The micro-batches of ``step`` (default: the first bad step, else the last recorded)."""
+        if step is None:
+            step = self.first_bad_step if self.first_bad_step in self.batches else max(
+                (s for s in self.batches if s is not None), default=None)
+        if step not in self.batches:
+            have = ", ".join(str(s) for s in self.batches) or "none"
+            raise InputError(f"{self.path}: no batch for step {step} (steps recorded: {have})")
+        return step, self.batches[step]
+
+
+def load_batches(path: str | os.PathLike[str]) -> BatchFile:
+    """Read a batch file (one plain batch, or the recorder's steps)."""
+    from autopsy._optional import require
+
+    require("torch", purpose="read a batch file")
+    st = require("safetensors", purpose="read a batch file")
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such batch file: {p}")
+    try:
+        with st.safe_open(str(p), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise UnreadableError(f"{p}: not a readable safetensors batch file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    out = BatchFile(path=str(p), metadata=meta)
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m:
+            step, mb, name = int(m.group(1)), int(m.group(2)), m.group(3)
+            lst = out.batches.setdefault(step, [])
+            while len(lst) <= mb:
+                lst.append({})
+            lst[mb][name] = t
+        elif key.startswith("rng."):
+            out.rng[key[4:]] = t
+        else:
+            out.batches.setdefault(None, [{}])[0][key] = t
+    if not any(mb for mbs in out.batches.values() for mb in mbs):
+        raise InputError(f"{p}: holds no batch tensors (expected input_ids, attention_mask, labels)")
+    return out
+
+
+def save_batches(path: str | os.PathLike[str], batches: dict[int, list[dict[str, Any]]], *,
+                 metadata: dict[str, Any] | None = None, rng: dict[str, Any] | None = None) -> Path:
+    """Write recorded batches (``{step: [micro-batch, ...]}``) and RNG state to one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    for step, mbs in batches.items():
+        for i, mb in enumerate(mbs):
+            for name, t in mb.items():
+                tensors[f"step{step}.mb{i}.{name}"] = t.detach().to("cpu").contiguous()
+    for name, t in (rng or {}).items():
+        tensors[f"rng.{name}"] = t.detach().to("cpu").contiguous()
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    meta["steps"] = json.dumps(sorted(batches))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, p)
+    return p
+
+
+def _rows(mask: Any) -> list[int]:
+    return [int(i) for i in mask.nonzero().flatten().tolist()]
+
+
+def _finding(rows: list[int], n_rows: int, problem: str, summary: str, severity: Severity, cause: str, fix: str,
+             step: int | None, **extra: Any) -> Finding:
+    return Finding(signature="bad_batch", severity=severity, step=step,
+                   summary=f"{summary} ({len(rows)} of {n_rows} rows)",
+                   evidence={"rows": rows, "problem": problem, "batch_rows": n_rows, **extra},
+                   cause=cause, fix=fix, detector="replay.batch")
+
+
+def inspect_batch(batch: dict[str, Any], *, vocab_size: int | None = None, max_positions: int | None = None,
+                  step: int | None = None, ignore_index: int = -100) -> list[Finding]:
+    """Check a batch before the model runs: masked labels, ids out of range, too long, NaN/Inf, empty rows.
+
+    Each problem is one ``bad_batch`` finding naming the rows. Vectorised over the batch.
+    """
+    import torch
+
+    out: list[Finding] = []
+    ids = batch.get("input_ids")
+    labels = batch.get("labels")
+    mask = batch.get("attention_mask")
+    ref = next((t for t in (ids, labels, mask) if t is not None and t.dim() >= 1), None)
+    n = int(ref.shape[0]) if ref is not None else 0
+    if ids is not None and ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if labels is not None and labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    if mask is not None and mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if ids is not None and vocab_size is not None and ids.numel():
+        bad = ((ids < 0) | (ids >= vocab_size)).flatten(1).any(1)
+        if bad.any():
+            rows = _rows(bad)
+            lo, hi = int(ids.min()), int(ids.max())
+            out.append(_finding(rows, n, "token_id_out_of_range",
+                                f"token ids outside [0, {vocab_size}) (min {lo}, max {hi})", Severity.CRITICAL,
+                                "the tokenizer and the model disagree on the vocabulary (added tokens without resize_token_embeddings, a wrong tokenizer); on a GPU this is the 'device-side assert triggered' crash",
+                                "resize the embeddings to len(tokenizer) or fix the tokenizer; check the ids named here",
+                                step, min_id=lo, max_id=hi, vocab_size=vocab_size))
+    if labels is not None and labels.numel():
+        valid = labels != ignore_index
+        if vocab_size is not None:
+            bad = (valid & ((labels < 0) | (labels >= vocab_size))).flatten(1).any(1)
+            if bad.any():
+                out.append(_finding(_rows(bad), n, "label_out_of_range", f"labels outside [0, {vocab_size}) and not {ignore_index}",
+                                    Severity.CRITICAL, "labels built with the wrong tokenizer or a padding value other than -100",
+                                    "pad labels with -100 and use the model's tokenizer", step, vocab_size=vocab_size))
+        # a causal LM shifts labels by one: a row needs a valid label after position 0 to contribute
+        learnable = valid[..., 1:].flatten(1).any(1) if labels.dim() >= 2 and labels.shape[-1] > 1 else valid.flatten(1).any(1)
+        masked = ~learnable
+        if masked.all():
+            out.append(_finding(_rows(masked), n, "all_labels_masked", f"every label is {ignore_index}: nothing to learn",
+                                Severity.ERROR, "the loss is NaN (0/0) or 0.0 for this batch: a collator or template that masks every token (prompt longer than the cut, wrong response template)",
+                                "check the collator's masking and the max length; drop rows with no label", step))
+        elif masked.any():
+            out.append(_finding(_rows(masked), n, "rows_fully_masked", f"rows whose labels are all {ignore_index}",
+                                Severity.WARNING, "these rows contribute nothing (prompt cut at max length, template mismatch)",
+                                "check the collator's masking and the max length for these rows", step))
+    if max_positions is not None and ref is not None:
+        seq = ids if ids is not None else labels if labels is not None else None
+        if seq is not None and seq.dim() >= 2 and seq.shape[1] > max_positions:
+            if mask is not None and mask.shape == seq.shape:
+                long_rows = mask.to(torch.int64).sum(1) > max_positions
+            else:
+                long_rows = torch.ones(seq.shape[0], dtype=torch.bool)
+            if long_rows.any():
+                out.append(_finding(_rows(long_rows), n, "sequence_too_long",
+                                    f"sequences of {seq.shape[1]} tokens, longer than the model's {max_positions} positions",
+                                    Severity.CRITICAL, "no truncation to the model's max_position_embeddings",
+                                    f"truncate to max_length <= {max_positions}", step, seq_len=int(seq.shape[1]), max_positions=max_positions))
+    for name, t in batch.items():
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t)
+            if bad.any():
+                per_row = bad.reshape(bad.shape[0], -1).any(1) if bad.dim() >= 1 else bad.reshape(1)
+                out.append(_finding(_rows(per_row), int(per_row.numel()), "nonfinite_input", f"NaN/Inf in the input {name!r}",
+                                    Severity.CRITICAL, "broken preprocessing (a division by zero, a corrupt sample)",
+                                    "find these samples in the dataset and fix or drop them", step, input=name,
+                                    nonfinite_values=int(bad.sum())))
+    if mask is not None and mask.numel() and mask.dim() >= 2:
+        empty = ~(mask != 0).flatten(1).any(1)
+    elif ids is not None and ids.dim() >= 2:
+        empty = torch.full((ids.shape[0],), ids.shape[1] == 0)
+    else:
+        empty = None
+    if empty is not None and empty.any():
+        out.append(_finding(_rows(empty), n, "empty_rows", "rows with no tokens (attention mask all zero)", Severity.ERROR,
+                            "empty samples in the dataset (blank text, a filter that emptied them)",
+                            "drop empty samples before batching", step))
+    return out
