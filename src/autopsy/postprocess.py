@@ -1,4 +1,14 @@
-"""After the detectors: drop duplicates that say the same thing, order findings."""
+"""After the detectors: attach config risks as causes, fold precursors into the failure they led to, order.
+
+Rules (each a small function, applied in order):
+
+1. ``exploding_gradients`` / ``divergence`` at or before a NaN (``nan_grad_norm``, ``nan_loss``,
+   ``loss_zero_collapse``) are the NaN's precursors: folded into its evidence (``precursors``), not reported twice.
+2. A ``config_risk`` whose ``can_explain`` names a finding's signature becomes that finding's cause (the
+   "no warmup" risk only for findings in the run's first 10%); a risk that explains something is dropped as a
+   separate finding, a risk marked ``standalone=False`` that explains nothing is dropped too.
+3. Most severe first, then by step.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,53 @@ from autopsy.frame import RunInfo
 
 __all__ = ["postprocess"]
 
+_NAN_SIGS = ("nan_grad_norm", "nan_loss", "loss_zero_collapse")
+_PRECURSORS = ("exploding_gradients", "divergence")
 
-def postprocess(findings: list[Finding], frame: pd.DataFrame, info: RunInfo) -> list[Finding]:
-    """Order findings most severe first, then by step (hook for cross-finding rules)."""
+
+def _fold_precursors(findings: list[Finding]) -> list[Finding]:
+    nan = [f for f in findings if f.signature in _NAN_SIGS and f.step is not None and f.metric != "eval/loss"]
+    if not nan:
+        nan = [f for f in findings if f.signature in _NAN_SIGS and f.step is not None]
+    if not nan:
+        return findings
+    target = min(nan, key=lambda f: (f.step, -int(f.severity)))
+    out = []
+    for f in findings:
+        if f.signature in _PRECURSORS and f.step is not None and f.step <= target.step:
+            target.evidence.setdefault("precursors", []).append(
+                {"signature": f.signature, "step": f.step, "steps_before": int(target.step - f.step), "summary": f.summary}
+            )
+            continue
+        out.append(f)
+    return out
+
+
+def _attach_config(findings: list[Finding], info: RunInfo | None) -> list[Finding]:
+    risks = [f for f in findings if f.signature == "config_risk"]
+    others = [f for f in findings if f.signature != "config_risk"]
+    keep = []
+    for risk in risks:
+        explains = set(risk.evidence.get("can_explain", []))
+        early = risk.evidence.get("early_until")
+        used = False
+        for f in others:
+            if f.signature not in explains:
+                continue
+            if early is not None and (f.step is None or f.step > early):
+                continue
+            f.cause = f"{risk.summary}; {f.cause}" if f.cause else risk.summary
+            f.evidence.setdefault("config_risk", []).append({"setting": risk.evidence.get("setting"), "value": risk.evidence.get("value")})
+            if risk.fix and risk.fix not in f.fix:
+                f.fix = f"{f.fix}; {risk.fix}" if f.fix else risk.fix
+            used = True
+        if not used and risk.evidence.get("standalone", True):
+            keep.append(risk)
+    return others + keep
+
+
+def postprocess(findings: list[Finding], frame: pd.DataFrame, info: RunInfo | None) -> list[Finding]:
+    """Apply the cross-finding rules, then order findings most severe first, then by step."""
+    findings = _fold_precursors(list(findings))
+    findings = _attach_config(findings, info)
     return sorted(findings, key=lambda f: (-int(f.severity), f.step if f.step is not None else 1 << 62, f.signature))
