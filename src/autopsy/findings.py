@@ -8,7 +8,19 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["Finding", "Report", "RunReport", "Severity", "findings_to_frame"]
+__all__ = ["Finding", "Report", "RunReport", "Severity", "finding_order", "findings_to_frame"]
+
+
+# Among findings of the same severity and step, the one that names the root of the failure leads the
+# report: a NaN grad norm explains the 0.0 loss that HF's NaN filter logs at the same step, not the reverse.
+_LEAD_ORDER = ("nonfinite_origin", "weights_nonfinite", "bad_batch", "crash", "nan_grad_norm", "nan_loss", "loss_zero_collapse",
+               "divergence", "loss_scale_collapse", "exploding_gradients")
+
+
+def finding_order(f: Finding) -> tuple:
+    """Sort key: most severe first, then earliest step, then root causes before their symptoms."""
+    lead = _LEAD_ORDER.index(f.signature) if f.signature in _LEAD_ORDER else len(_LEAD_ORDER)
+    return (-int(f.severity), f.step if f.step is not None else 1 << 62, lead, f.signature)
 
 
 class Severity(enum.IntEnum):
@@ -89,7 +101,7 @@ class RunReport:
 
     def sorted_findings(self) -> list[Finding]:
         """Most severe first, then by step."""
-        return sorted(self.findings, key=lambda f: (-int(f.severity), f.step if f.step is not None else 1 << 62, f.signature))
+        return sorted(self.findings, key=finding_order)
 
     def verdict(self) -> str:
         """One line: did the run fail, and how."""
@@ -140,7 +152,7 @@ def findings_to_frame(findings: list[Finding]) -> pd.DataFrame:
             "cause": f.cause,
             "fix": f.fix,
         }
-        for f in sorted(findings, key=lambda f: (-int(f.severity), f.step if f.step is not None else 1 << 62))
+        for f in sorted(findings, key=finding_order)
     ]
     cols = ["run", "signature", "severity", "step", "end_step", "metric", "summary", "cause", "fix"]
     return pd.DataFrame(rows, columns=cols)
