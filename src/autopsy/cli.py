@@ -157,7 +157,7 @@ def replay(
     batch: Annotated[Optional[Path], typer.Option("--batch", "-b", help="safetensors batch file (input_ids, attention_mask, labels).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Local base model dir for a PEFT adapter (default: the one it names).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
-    from_checkpoint: Annotated[Optional[str], typer.Option("--from", help="Replay from this checkpoint of the run dir (checkpoint-N).")] = None,
+    from_checkpoint: Annotated[Optional[str], typer.Option("--from", help="Step replay: re-run the recorded steps after this checkpoint of the run dir (checkpoint-N, with its optimizer, scheduler and RNG state) until one goes non-finite, then localize inside it.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")] = None,
     fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical).")] = None,

@@ -288,10 +288,11 @@ def make_frame(
 def _superseded(frame: pd.DataFrame) -> np.ndarray:
     """Rows rewritten later in the same run/source/metric (row order = write order).
 
-    A row is superseded when a later row of its series has a step <= its own: the step was logged
-    again (a duplicate), or the run went back to an earlier step (resumed from a checkpoint) and so
-    abandoned what it had logged past that point. Vectorised: one stable sort by series, then a
-    reversed per-series running minimum.
+    A row is superseded when its step is logged again later (a duplicate), or when the run later went
+    back to an earlier step and carried on from there (resumed from a checkpoint), abandoning what it
+    had logged past that point. A lone backward row — the last of its series, or a glitch after which
+    the series carries on past where it was — is not a resume: it supersedes only its own step.
+    Vectorised: one stable sort by series, then a reversed per-series running minimum.
     """
     n = len(frame)
     if n == 0:
@@ -302,17 +303,27 @@ def _superseded(frame: pd.DataFrame) -> np.ndarray:
         code = code * max(len(uniq), 1) + c
     step = frame["step"].to_numpy(dtype=np.int64)
     order = np.argsort(code, kind="stable")
-    rev_code = code[order][::-1]
-    rev_step = step[order][::-1]
-    inclusive = pd.Series(rev_step).groupby(rev_code, sort=False).cummin().to_numpy()
-    first = np.empty(n, dtype=bool)
-    first[0] = True
-    first[1:] = rev_code[1:] != rev_code[:-1]
+    g, s = code[order], step[order]
+    big = np.iinfo(np.int64).max
+    first = np.ones(n, dtype=bool)
+    first[1:] = g[1:] != g[:-1]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = g[1:] != g[:-1]
+    prev = np.where(first, np.iinfo(np.int64).min, np.concatenate(([0], s[:-1])))
+    nxt = np.where(last, big, np.concatenate((s[1:], [0])))
+    lone = (s < prev) & (last | (nxt > prev))
+    eff = np.where(lone, big, s)
+    rev_g, rev_eff = g[::-1], eff[::-1]
+    inclusive = pd.Series(rev_eff).groupby(rev_g, sort=False).cummin().to_numpy()
+    rev_first = np.ones(n, dtype=bool)
+    rev_first[1:] = rev_g[1:] != rev_g[:-1]
     later_min = np.empty(n, dtype=np.int64)
     later_min[1:] = inclusive[:-1]
-    later_min[first] = np.iinfo(np.int64).max
+    later_min[rev_first] = big
+    abandoned = (later_min < s[::-1])[::-1]
+    dup = pd.DataFrame({"g": g, "s": s}).duplicated(keep="last").to_numpy()
     out = np.empty(n, dtype=bool)
-    out[order] = (later_min <= rev_step)[::-1]
+    out[order] = abandoned | dup
     return out
 
 

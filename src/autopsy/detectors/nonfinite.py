@@ -10,12 +10,23 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import evidence_value, loss_metrics, minutes_between, restart_point, rl_objective
+from autopsy.detectors._common import (
+    evidence_value,
+    loss_metrics,
+    metric_series,
+    minutes_between,
+    restart_point,
+    rl_objective,
+)
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo, series
+from autopsy.frame import RunInfo
 
 __all__ = ["loss_zero_collapse", "nan_grad_norm", "nan_loss"]
+
+
+def _kind(x: float) -> str:
+    return "NaN" if np.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
 
 
 def _nonfinite_run(values: pd.Series) -> dict | None:
@@ -41,13 +52,14 @@ def _nonfinite_run(values: pd.Series) -> dict | None:
         # the series never came back: every point from the first bad one to the end is non-finite
         "persistent": bool(finite_after.size == 0),
         "recovered_points": int(finite_after.size),
-        "kinds": sorted({"NaN" if np.isnan(x) else ("Infinity" if x > 0 else "-Infinity") for x in v[bad]}),
+        "first_kind": _kind(first_val),
+        "kinds": sorted({_kind(x) for x in np.unique(v[bad])}),
     }
 
 
 def _grad_climb(frame: pd.DataFrame, first_bad: int) -> dict:
     """When the grad norm began to climb before ``first_bad`` (precursor)."""
-    g = series(frame, "train/grad_norm")
+    g = metric_series(frame, "train/grad_norm")
     g = g[(g.index < first_bad) & np.isfinite(g.to_numpy())]
     if len(g) < 6:
         return {}
@@ -102,17 +114,17 @@ def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Findin
     """
     out = []
     for metric in loss_metrics(frame):
-        run = _nonfinite_run(series(frame, metric))
+        run = _nonfinite_run(metric_series(frame, metric))
         if run is None:
             continue
         first = run["first_step"]
-        evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds")}
+        evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds", "first_kind")}
         evidence["kinds"] = run["kinds"]
         evidence.update(restart_point(info, first))
         evidence.update(_grad_climb(frame, first))
         severity = Severity.CRITICAL if run["persistent"] or metric.startswith("eval/") else Severity.WARNING
         where = "train" if metric.startswith("train/") else "eval"
-        summary = f"{where} loss is {run['kinds'][0]} from step {first}"
+        summary = f"{where} loss is {run['first_kind']} from step {first}"
         if not run["persistent"]:
             summary = f"{where} loss was non-finite at {run['nonfinite_points']} of {run['points']} points from step {first}, then finite again"
         out.append(
@@ -141,16 +153,16 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     loss scaler skipping a step (warning, not critical).
     What to check next: the last finite checkpoint before the first bad step; the grad norm's climb before it.
     """
-    run = _nonfinite_run(series(frame, "train/grad_norm"))
+    run = _nonfinite_run(metric_series(frame, "train/grad_norm"))
     if run is None:
         return []
     first = run["first_step"]
-    evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds")}
+    evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds", "first_kind")}
     evidence["kinds"] = run["kinds"]
-    evidence["first_value"] = run["kinds"][0] if np.isnan(run["first_value"]) else evidence_value(run["first_value"])
+    evidence["first_value"] = run["first_kind"]
     evidence.update(restart_point(info, first))
     evidence.update(_grad_climb(frame, first))
-    loss = series(frame, "train/loss")
+    loss = metric_series(frame, "train/loss")
     after = loss[loss.index >= first]
     if len(after):
         evidence["loss_after_first_bad"] = evidence_value(float(after.iloc[0]))
@@ -160,7 +172,7 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     dead = run["persistent"] or (len(after) > 0 and (~np.isfinite(after.to_numpy()) | (after.to_numpy() == 0.0)).mean() > 0.5)
     if dead:
         severity = Severity.CRITICAL
-        summary = f"grad norm is {run['kinds'][0]} from step {first} to the end of the run ({run['nonfinite_points']} logged points)"
+        summary = f"grad norm is {run['first_kind']} from step {first} to the end of the run ({run['nonfinite_points']} logged points)"
     else:
         severity = Severity.WARNING
         summary = (
@@ -190,14 +202,15 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
     """The train loss drops to exactly 0.0 and stays there.
 
     Signature: at least `min_points` consecutive logged losses of exactly 0.0 after a non-zero loss, to the end of
-    the run (or a long stretch). A real LM loss is never exactly 0.0.
+    the run (or a long stretch). A real LM loss is never exactly 0.0. Zeros from the very first log (a log that
+    starts after the onset) count only with a non-finite grad norm at the same steps: the HF NaN filter for sure.
     Likely causes: HF Trainer logs 0.0 for a window whose losses were all NaN (logging_nan_inf_filter=True); or every
     label is -100 (nothing to learn). RL/preference losses (GRPO) can be exactly 0 and are not reported.
     What to check next: the grad norm at the same steps (NaN => hidden NaN); the labels of the batch (all -100?).
     """
-    loss = series(frame, "train/loss")
+    loss = metric_series(frame, "train/loss")
     v = loss.to_numpy(dtype=np.float64)
-    if v.size < min_points + 1:
+    if v.size < min_points:
         return []
     zero = v == 0.0
     if not zero.any():
@@ -209,18 +222,21 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
     k = int(np.argmax(lengths))
     start, end, length = int(starts[k]), int(ends[k]) - 1, int(lengths[k])
     to_end = end == v.size - 1
-    if length < min_points or start == 0:
+    if length < min_points:
         return []
     before = v[:start]
     before = before[np.isfinite(before)]
-    if before.size == 0 or np.median(np.abs(before)) == 0:
-        return []
     steps = loss.index.to_numpy()
     first, last = int(steps[start]), int(steps[end])
-    g = series(frame, "train/grad_norm")
+    g = metric_series(frame, "train/grad_norm")
     g_during = g[(g.index >= first) & (g.index <= last)].to_numpy()
     grad_nonfinite = bool(g_during.size and (~np.isfinite(g_during)).mean() > 0.5)
     grad_zero = bool(g_during.size and np.isfinite(g_during).all() and (np.abs(g_during) < 1e-12).mean() > 0.5)
+    if start == 0 or before.size == 0 or np.median(np.abs(before)) == 0:
+        # zeros from the first log (an excerpt that starts after the onset): no non-zero loss to fall from, so the
+        # zeros alone prove nothing; a non-finite grad norm at the same steps does (HF's NaN filter)
+        if not grad_nonfinite:
+            return []
     if rl_objective(frame, info) and not grad_nonfinite:
         return []  # GRPO/PPO losses are exactly 0 by construction at times
     evidence = {
@@ -228,9 +244,10 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
         "last_zero_step": last,
         "zero_points": length,
         "to_end_of_run": bool(to_end),
-        "loss_before": evidence_value(float(before[-1])),
-        "median_loss_before": evidence_value(float(np.median(before))),
-        "last_nonzero_step": int(steps[start - 1]),
+        "loss_before": evidence_value(float(before[-1])) if before.size else None,
+        "median_loss_before": evidence_value(float(np.median(before))) if before.size else None,
+        "last_nonzero_step": int(steps[start - 1]) if start > 0 else None,
+        "from_first_log": bool(start == 0),
     }
     if g_during.size:
         evidence["grad_norm_nonfinite_share"] = evidence_value(float((~np.isfinite(g_during)).mean()))

@@ -133,6 +133,17 @@ def _length_crc(b: np.ndarray, start: np.ndarray) -> np.ndarray:
     return _crc_group(raw, np.arange(len(values), dtype=np.int64) * 8, 8)[inverse]
 
 
+@lru_cache(maxsize=1)
+def _zero_length_crc() -> bytes:
+    """The length CRC field of a record whose length is 0 (masked crc32c of 8 zero bytes)."""
+    t = _table().tolist()
+    state = 0xFFFFFFFF
+    for _ in range(8):
+        state = t[state & 0xFF] ^ (state >> 8)
+    crc = np.array([state ^ 0xFFFFFFFF], dtype=np.uint32)
+    return masked_crc(crc).astype("<u4").tobytes()
+
+
 def _boundaries_walk(buf: bytes) -> tuple[list[int], int]:
     """Walk the length fields from offset 0. Returns (record offsets, end position reached)."""
     n = len(buf)
@@ -140,10 +151,16 @@ def _boundaries_walk(buf: bytes) -> tuple[list[int], int]:
     add = offsets.append
     unpack = struct.Struct("<Q").unpack_from
     pos = 0
+    zero_crc = _zero_length_crc()
     while pos + HEADER <= n:
         length = unpack(buf, pos)[0]
         if length > _MAX_RECORD:
             add(pos)  # a broken length: its CRC check below reports it
+            return offsets, pos
+        if length == 0 and buf[pos + 8:pos + 12] != zero_crc:
+            # zero-filled space (a preallocated or wiped file): no real record has length 0 with a bad
+            # CRC; stop here instead of framing millions of 16-byte "records"
+            add(pos)
             return offsets, pos
         add(pos)
         pos += HEADER + length + FOOTER

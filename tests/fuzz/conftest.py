@@ -1,0 +1,18 @@
+"""Fuzz tests: count the cases each property ran and print the total at the end of the session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for _reliability_support)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _counter import CASES_RUN  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001
+    if CASES_RUN:
+        terminalreporter.write_sep("-", f"fuzz: {sum(CASES_RUN.values())} cases run")
+        for name, n in sorted(CASES_RUN.items()):
+            terminalreporter.write_line(f"  {name}: {n}")
