@@ -8,6 +8,11 @@ step. When the loss or the grad norm goes non-finite, or the loss spikes, it wri
 as they were before the failing update (``autopsy/weights-before-step-<N>/``, safetensors) and stops training,
 so ``autopsy replay <output_dir>`` has everything and no more compute is burnt on a dead run. The true
 per-step losses go to ``autopsy/losses.jsonl``.
+
+Step replay (``autopsy replay <output_dir> --from checkpoint-N``) needs every batch since checkpoint N: keep
+``keep_last`` at least ``save_steps`` (a warning says so at train begin when it is not). Memory stays bounded by
+``keep_last`` steps either way; each dump also holds the RNG state at the start of every recorded step and the
+step of the last checkpoint saved (``last_checkpoint_step``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +66,7 @@ class AutopsyCallback(_transformers.TrainerCallback):
         self._handles: list[Any] = []
         self._pending: list[dict[str, Any]] = []
         self._dir: Path | None = None
+        self.last_checkpoint_step: int | None = None
 
     # hooks on the model ---------------------------------------------------------------------------------
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -82,6 +89,11 @@ class AutopsyCallback(_transformers.TrainerCallback):
     # trainer events -------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._dir = Path(self.output_dir or args.output_dir) / "autopsy"
+        save_steps = getattr(args, "save_steps", None)
+        strategy = str(getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", "")))
+        if strategy == "steps" and isinstance(save_steps, (int, float)) and save_steps >= 1 and self.keep_last < save_steps:
+            warnings.warn(f"AutopsyCallback(keep_last={self.keep_last}) keeps fewer steps than save_steps={int(save_steps)}: "
+                          f"step replay from the last checkpoint may miss batches; pass keep_last={int(save_steps)}", stacklevel=2)
         if model is not None and not self._handles:
             self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True), model.register_forward_hook(self._post)]
 
@@ -127,6 +139,9 @@ class AutopsyCallback(_transformers.TrainerCallback):
                 self._dump(reason="spike", step=cur["step"])
         self.history.append(cur["loss"])
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_checkpoint_step = int(state.global_step)
+
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flush()
 
@@ -156,8 +171,10 @@ class AutopsyCallback(_transformers.TrainerCallback):
         meta = {"reason": reason, "first_bad_step": str(step) if reason == "nonfinite" else "", "trigger_step": str(step),
                 "losses": json.dumps({str(s["step"]): (s.get("loss") if math.isfinite(s.get("loss", math.nan)) else str(s.get("loss")))
                                       for s in self.steps}),
-                "grad_norm": str(cur.get("grad_norm")), "rng_step": str(cur["step"])}
-        path = save_batches(self._dir / f"batches-step-{step}.safetensors", batches, metadata=meta, rng=cur["rng"])
+                "grad_norm": str(cur.get("grad_norm")), "rng_step": str(cur["step"]),
+                "last_checkpoint_step": "" if self.last_checkpoint_step is None else str(self.last_checkpoint_step)}
+        step_rng = {s["step"]: s["rng"] for s in self.steps if s["micro"]}
+        path = save_batches(self._dir / f"batches-step-{step}.safetensors", batches, metadata=meta, rng=cur["rng"], step_rng=step_rng)
         self.dumps.append(path)
         return path
 

@@ -109,9 +109,33 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
     return out
 
 
+def _step_report(path: str | os.PathLike[str], from_checkpoint: str, *, batch: Any, base: Any, device: Any,
+                 until: int | None) -> Report:
+    """``--from checkpoint-N``: step replay (see :mod:`autopsy.replay.step`)."""
+    from autopsy import __version__
+    from autopsy.replay.step import step_replay
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"no such run directory: {p}")
+    ck = p / from_checkpoint if (p / from_checkpoint).is_dir() else Path(from_checkpoint)
+    if not ck.is_dir():
+        raise InputError(f"no such checkpoint: {from_checkpoint}")
+    findings, config, notes = step_replay(p, ck, batch=batch, base=base, device=device, until=until)
+    report = RunReport(run=p.name or str(p), path=str(p), sources=["replay"], config=config, findings=findings)
+    for note in notes:
+        report.skipped.append({"detector": "replay", "reason": note})
+    return Report(runs=[report], version=__version__)
+
+
 def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None = None, base: str | os.PathLike[str] | None = None,
            device: Any = None, from_checkpoint: str | None = None, step: int | None = None) -> Report:
-    """Replay a checkpoint on a batch: weight scan, batch inspection, then localization. Returns a Report."""
+    """Replay a checkpoint on a batch: weight scan, batch inspection, then localization. Returns a Report.
+
+    With ``from_checkpoint`` (``checkpoint-N`` of the run dir ``path``), a step replay: the recorded steps after
+    it are re-run with the checkpoint's optimizer, scheduler and RNG state until one goes non-finite (``step``
+    caps the last step replayed).
+    """
     from autopsy import __version__
     from autopsy._optional import require
 
@@ -121,6 +145,8 @@ def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None
     from autopsy.replay.device import pick_device
     from autopsy.replay.localize import localize
 
+    if from_checkpoint:
+        return _step_report(path, from_checkpoint, batch=batch, base=base, device=device, until=step)
     where = resolve(path, batch=batch, from_checkpoint=from_checkpoint)
     ck: Path = where["checkpoint"]
     bf = load_batches(where["batch"])

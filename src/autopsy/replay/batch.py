@@ -2,8 +2,8 @@
 
 A batch file is a safetensors file. The simple form holds one batch: ``input_ids``, ``attention_mask``,
 ``labels`` (and any other model inputs). The recorder (:class:`autopsy.callbacks.AutopsyCallback`) writes
-several: keys ``step<N>.mb<i>.<name>`` (step N, micro-batch i), the RNG state as ``rng.<name>`` tensors,
-and string metadata (``first_bad_step``, ``reason``, ``steps``, the true per-step ``losses``).
+several: keys ``step<N>.mb<i>.<name>`` (step N, micro-batch i), the RNG state at the start of the trigger
+step as ``rng.<name>`` tensors and at the start of every recorded step as ``rng.step<N>.<name>``, and string metadata (``first_bad_step``, ``reason``, ``steps``, the true per-step ``losses``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from autopsy.findings import Finding, Severity
 __all__ = ["BatchFile", "inspect_batch", "load_batches", "save_batches"]
 
 _KEY_RE = re.compile(r"^step(\d+)\.mb(\d+)\.(.+)$")
+_RNG_RE = re.compile(r"^rng\.step(\d+)\.(.+)$")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class BatchFile:
     batches: dict[int | None, list[dict[str, Any]]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+    step_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # RNG state at the start of each recorded step
 
     @property
     def first_bad_step(self) -> int | None:
@@ -72,6 +74,8 @@ def load_batches(path: str | os.PathLike[str]) -> BatchFile:
             while len(lst) <= mb:
                 lst.append({})
             lst[mb][name] = t
+        elif (r := _RNG_RE.match(key)) is not None:
+            out.step_rng.setdefault(int(r.group(1)), {})[r.group(2)] = t
         elif key.startswith("rng."):
             out.rng[key[4:]] = t
         else:
@@ -82,8 +86,9 @@ def load_batches(path: str | os.PathLike[str]) -> BatchFile:
 
 
 def save_batches(path: str | os.PathLike[str], batches: dict[int, list[dict[str, Any]]], *,
-                 metadata: dict[str, Any] | None = None, rng: dict[str, Any] | None = None) -> Path:
-    """Write recorded batches (``{step: [micro-batch, ...]}``) and RNG state to one safetensors file."""
+                 metadata: dict[str, Any] | None = None, rng: dict[str, Any] | None = None,
+                 step_rng: dict[int, dict[str, Any]] | None = None) -> Path:
+    """Write recorded batches (``{step: [micro-batch, ...]}``) and RNG states to one safetensors file."""
     from safetensors.torch import save_file
 
     tensors: dict[str, Any] = {}
@@ -93,6 +98,9 @@ def save_batches(path: str | os.PathLike[str], batches: dict[int, list[dict[str,
                 tensors[f"step{step}.mb{i}.{name}"] = t.detach().to("cpu").contiguous()
     for name, t in (rng or {}).items():
         tensors[f"rng.{name}"] = t.detach().to("cpu").contiguous()
+    for step, states in (step_rng or {}).items():
+        for name, t in states.items():
+            tensors[f"rng.step{step}.{name}"] = t.detach().to("cpu").clone()  # own storage: rng.<name> may be the same tensor
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     meta["steps"] = json.dumps(sorted(batches))
     p = Path(path)

@@ -1,22 +1,25 @@
 """Where inside the model the first NaN/Inf is born: one hooked forward + backward pass.
 
-Every module gets a forward hook that reduces each floating input and output to its float32 sum, a 0-dim
-tensor kept **on the device** (a sum is non-finite whenever any element is NaN/Inf, and a float32 sum is the
-cheapest reduction there is: about 6x cheaper on the CPU than max |x|), and a gradient hook on its outputs. The
-blocks of the model (children of a ``ModuleList``: the decoder layers) also record max |input| and |output|.
-Nothing is read back until the pass is over: the scalars are stacked and copied to the host once.
+The first pass hooks the leaf modules and the blocks of the model (children of a ``ModuleList``: the decoder
+layers): a forward hook reduces each floating input and output to its float32 sum, a 0-dim tensor kept **on the
+device** (a sum is non-finite whenever any element is NaN/Inf, and a float32 sum is the cheapest reduction there is:
+about 6x cheaper on the CPU than max |x|); the blocks also record max |input| and |output|. Nothing is read back
+until the pass is over: the scalars are stacked and copied to the host once. When the first non-finite output is
+not a leaf with finite inputs (a NaN born in a container's own code), a second forward pass hooks every module.
 
 The origin is the first module, in execution order, whose output is non-finite while its inputs were finite
 (phase ``forward``); forward hooks fire children-first, so this is the innermost such module. When the forward
 is finite but a gradient is not, a second pass with backward hooks on the leaf modules finds the first one whose
 output gradient was finite and whose input or parameter gradient was not (phase ``backward``). The culprit is
-then re-run in float32 from the same inputs (``finite_in_float32``).
+then re-run in float32 from the same inputs (``finite_in_float32``); for a backward-phase culprit, its backward is
+re-run in float32 from the inputs and output gradient of its first call, captured in one more hooked pass.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,20 +110,29 @@ def _nanmax(a: float, b: float) -> float:
     return max(a, b)
 
 
-def trace(model: Any, batch: dict[str, Any], *, backward: bool = True) -> Trace:
-    """One forward (+ backward) pass with per-module max |x| kept on the device; one host sync at the end."""
+def trace(model: Any, batch: dict[str, Any], *, backward: bool = True, scope: str = "leaves", grad_hooks: bool = False) -> Trace:
+    """One forward (+ backward) pass with per-module finite checks kept on the device; one host sync at the end.
+
+    ``scope="leaves"`` hooks the leaf modules and the blocks only (the cheap first pass: the fixed cost of a hook
+    is per module); ``"all"`` hooks every module (the narrowing pass, when a NaN is born in a non-leaf's own code).
+    ``grad_hooks`` also records a sum of each module output's gradient (off by default: a non-finite gradient shows
+    in the grad norm, and :func:`_backward_origin` finds its module).
+    """
     import torch
 
     names = {}
     for n, m in model.named_modules():
         names.setdefault(m, n)
+    all_lists = [m for m in names if isinstance(m, torch.nn.ModuleList)]
+    block_set = {c for m in all_lists for c in m.children()}
+    if scope == "leaves":
+        names = {m: n for m, n in names.items() if m in block_set or not any(True for _ in m.children())}
     cache: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, its max |x|): outputs are the next inputs
     fwd: list[tuple[str, Any, Any]] = []
     bwd: list[tuple[str, Any]] = []
     hooked: set[int] = set()
     inf = float("inf")
-    lists = [m for m in names if isinstance(m, torch.nn.ModuleList)]
-    blocks = {c for m in lists for c in m.children()}
+    blocks = block_set
     lay: list[tuple[str, Any, Any]] = []
 
     def stat(ts: list) -> Any:
@@ -150,7 +162,7 @@ def trace(model: Any, batch: dict[str, Any], *, backward: bool = True) -> Trace:
         fwd.append((name, stat(ins) if ins else None, stat(outs)))
         if mod in blocks:
             lay.append((name, maxabs(ins) if ins else None, maxabs(outs)))
-        if backward:
+        if backward and grad_hooks:
             for t in outs:
                 if t.requires_grad and id(t) not in hooked:
                     hooked.add(id(t))
@@ -258,6 +270,72 @@ def _rerun(model: Any, batch: dict[str, Any], module: Any, *, float32: bool) -> 
     return max_in, max_out, (bool(all(torch.isfinite(t).all() for t in outs)) if outs else None)
 
 
+def _rerun_backward(model: Any, batch: dict[str, Any], module: Any) -> tuple[float | None, bool | None]:
+    """Re-run ``module``'s backward alone in float32, from the inputs and output gradient of its first call in one
+    more hooked pass: (max |input|, whether every input and parameter gradient is then finite; None when it
+    cannot be run alone)."""
+    import torch
+
+    got: dict[str, Any] = {}
+
+    def keep(i: int):
+        def hook(g):
+            got["grads"][i] = g.detach().clone()
+        return hook
+
+    def fwd(mod, args, kwargs, output):
+        if "args" in got:
+            return
+        outs = _outputs(output)
+        got.update(args=args, kwargs=kwargs, grads=[None] * len(outs))
+        for i, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(keep(i))
+
+    model.zero_grad(set_to_none=True)
+    h = module.register_forward_hook(fwd, with_kwargs=True)
+    try:
+        with torch.enable_grad():
+            run_loss(model, batch).backward()
+    finally:
+        h.remove()
+        model.zero_grad(set_to_none=True)
+    if "args" not in got or all(g is None for g in got["grads"]):
+        return None, None
+    args, kwargs = got["args"], got["kwargs"]
+    ins = _inputs(args, kwargs)
+    inf = float("inf")
+    max_in = (max(torch.stack([torch.linalg.vector_norm(t.detach(), ord=inf, dtype=torch.float32) for t in ins]).cpu().tolist())
+              if ins else None)
+    leaves: dict[int, Any] = {id(t): t.detach().float().requires_grad_(True) for t in ins}
+
+    def conv(obj: Any) -> Any:
+        if torch.is_tensor(obj):
+            if id(obj) in leaves:
+                return leaves[id(obj)]
+            return obj.detach().float() if obj.is_floating_point() else obj
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(conv(v) for v in obj)
+        if isinstance(obj, dict):
+            return {k: conv(v) for k, v in obj.items()}
+        return obj
+
+    try:
+        clone = copy.deepcopy(module).float()
+        with torch.enable_grad():
+            outs = _outputs(clone(*conv(args), **conv(kwargs)))
+            pairs = [(o, g.float()) for o, g in zip(outs, got["grads"]) if g is not None and o.requires_grad]
+            if not pairs:
+                return max_in, None
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    except Exception:  # noqa: BLE001 - a module that cannot run alone gives no answer, not a crash
+        return max_in, None
+    grads = [t.grad for t in leaves.values() if t.grad is not None] + [p.grad for p in clone.parameters() if p.grad is not None]
+    if not grads:
+        return max_in, None
+    return max_in, all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def _backward_origin(model: Any, batch: dict[str, Any]) -> str | None:
     """Second pass (only when the forward was finite): the first leaf, in backward order, that turned finite
     output gradients into non-finite input or parameter gradients."""
@@ -281,7 +359,8 @@ def _backward_origin(model: Any, batch: dict[str, Any]) -> str | None:
 
     handles = [m.register_full_backward_hook(make(n, m)) for n, m in leaves]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first leaf's inputs (token ids) need no gradient: torch says so
             run_loss(model, batch).backward()
     finally:
         for h in handles:
@@ -321,6 +400,13 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
     modules = dict(model.named_modules())
     tr = trace(model, batch)
     origin = tr.forward_origin()
+    first_bad = next((r for r in tr.forward if not math.isfinite(r[2])), None)
+    if (origin is not None and origin is not first_bad) or (origin is None and (first_bad is not None or not math.isfinite(tr.loss))):
+        # the NaN is born in a non-leaf's own code (attention math, the loss): narrow with every module hooked
+        model.zero_grad(set_to_none=True)
+        full = trace(model, batch, backward=False, scope="all")
+        origin = full.forward_origin()
+        tr.forward = full.forward
     phase = "forward"
     if origin is None:
         bad_grad = next((n for n, g in tr.backward if not math.isfinite(g)), None)
@@ -343,8 +429,10 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
                         if p.is_floating_point() and not bool(torch.isfinite(p).all()))
     if phase == "forward":
         max_in, max_out, f32 = _rerun(model, batch, module, float32=not bad_params and dtype != torch.float32)
+    elif dtype == torch.float32 or bad_params or module is model:
+        f32 = False if dtype == torch.float32 else None  # already float32 (the same arithmetic), or nothing to re-run alone
     else:
-        f32 = False if dtype == torch.float32 else None  # not re-run: the backward of a lone module needs its grad output
+        max_in, f32 = _rerun_backward(model, batch, module)
     children = [n for n, _ in module.named_children()]
     parents = {n for n, m in modules.items() if isinstance(m, torch.nn.ModuleList)}
     layer_names = [n for n, m in modules.items() if "." in n and n.rsplit(".", 1)[0] in parents and n.rsplit(".", 1)[1].isdigit()]
