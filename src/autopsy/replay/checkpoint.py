@@ -214,14 +214,16 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
         cls = transformers.AutoModelForCausalLM
     try:
         model = cls.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
-    except OSError as exc:
-        raise UnreadableError(f"cannot load the model from {model_dir}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError (a cut file), ValueError (bad config)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableError(f"cannot load the model from {model_dir}: {type(exc).__name__}: {first}") from None
     if adapter:
         peft = require("peft", purpose="load a LoRA/PEFT adapter")
         try:
             model = peft.PeftModel.from_pretrained(model, str(p), is_trainable=True, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise UnreadableError(f"cannot load the adapter {p}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, ValueError
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UnreadableError(f"cannot load the adapter {p}: {type(exc).__name__}: {first}") from None
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model.to(device)
