@@ -21,11 +21,6 @@ from autopsy.frame import series
 from autopsy.importers import load
 from conftest import ISSUE_LOGS, needs_shared
 
-# detector-side gaps (the importer's series are checked in test_issue_log_series; these xfail until fixed)
-_GAP = "the series is read (see test_issue_log_series) but the detector does not flag this excerpt yet"
-_CLIP = ("fairseq prints clip=100% but not --clip-norm; clip_saturation needs max_grad_norm (assumed 1.0) and does "
-         "not fire on these excerpts yet")
-
 # name -> expect, forbid, series checks {metric: (kind, args)}, known exceptions {signature: reason}
 CASES: dict[str, dict] = {
     "01_CNN-for-Sentence-Classification-in-Keras_7.txt": {"expect": {"nan_loss"}, "first": {"train/loss": 2}},
@@ -34,15 +29,14 @@ CASES: dict[str, dict] = {
     "04_keras_3056.txt": {"expect": {"overfitting"}, "points": {"eval/loss": 7}},
     "05_Time-MoE_71.txt": {"expect": {"nan_grad_norm"}, "forbid": {"nan_loss", "loss_zero_collapse"},
                            "points": {"train/grad_norm": 9}, "first": {"train/grad_norm": 1}},
-    "06_Time-MoE_31.txt": {"expect": {"nan_grad_norm", "loss_zero_collapse"}, "points": {"train/loss": 10},
-                           "known": {"loss_zero_collapse": "the excerpt starts after the onset (every loss is 0.0); "
-                                     "nonfinite.loss_zero_collapse needs a non-zero loss before the zeros"}},
+    # every loss is 0.0 from the first log (the onset is before the excerpt): the NaN grad norm at the same steps
+    # makes it HF's NaN filter, so loss_zero_collapse is certain without a non-zero loss before the zeros
+    "06_Time-MoE_31.txt": {"expect": {"nan_grad_norm", "loss_zero_collapse"}, "points": {"train/loss": 10}},
     "07_LlamaFactory_8261.txt": {"expect": {"crash_nccl_timeout", "abrupt_end"}, "steps": {"train/loss": [10, 20]}},
     "08_MIMIGenRec_3.txt": {"steps": {"train/loss": [6, 7, 8, 9]}, "max_steps": 390},
     "09_VideoLLaMA2_157.txt": {"points": {"train/grad_norm": 13}},
-    "10_llm-finetuning_82.txt": {"healthy": True, "points": {"train/grad_norm": 13},
-                                 "known": {"clip_saturation": "fires on the assumed HF default max_grad_norm=1.0; "
-                                           "SOURCES.md calls the bump worth at most an info note"}},
+    # HF dicts, max_grad_norm not printed: the assumed default 1.0 makes clip_saturation an info note, not a warning
+    "10_llm-finetuning_82.txt": {"healthy": True, "points": {"train/grad_norm": 13}},
     "11_Chinese-LLaMA-Alpaca_534.txt": {"expect": {"loss_scale_collapse"},
                                         "steps": {"train/loss_scale": [378, 379, 380, 381, 382]}},
     "12_transformers_14531.txt": {"expect": {"loss_scale_collapse"}},
@@ -52,34 +46,29 @@ CASES: dict[str, dict] = {
     "16_trl_1236.txt": {"points": {"train/loss": 3}},
     "17_open-r1_704.txt": {"forbid": {"nan_loss"}},
     "18_ms-swift_4146.txt": {"healthy": True, "steps": {"train/loss": [56, 57]}, "max_steps": 176},
-    "19_mmdetection3d_3103.txt": {"expect": {"divergence", "exploding_gradients"}, "jump": ("train/grad_norm", 10),
-                                  "known": {"divergence": _GAP, "exploding_gradients": _GAP}},
+    "19_mmdetection3d_3103.txt": {"expect": {"divergence", "exploding_gradients"}, "jump": ("train/grad_norm", 10)},
     "20_Birds-eye-view-Perception_13.txt": {"expect": {"nan_grad_norm"}, "forbid": {"nan_loss"}},
     "21_BEVDet_265.txt": {"expect": {"nan_loss", "nan_grad_norm"}, "first": {"train/loss": 50}},
     "22_TableMASTER-mmocr_32.txt": {"forbid_critical": {"nan_grad_norm"}, "first": {"train/grad_norm": 100}},
     "23_pytorch_118369.txt": {"expect": {"crash_nccl_timeout", "abrupt_end"}, "steps": {"train/loss": [32040]}},
     "24_RePlay_90.txt": {"expect": {"nan_loss"}, "first": {"train/loss": 5880}},
     "25_fairseq_41.txt": {"expect": {"exploding_gradients", "divergence", "clip_saturation", "nan_grad_norm"},
-                          "jump": ("train/grad_norm", 1e4), "first": {"train/grad_norm": 7000},
-                          "known": {"exploding_gradients": _GAP, "divergence": _GAP, "clip_saturation": _CLIP}},
-    "26_fairseq_118.txt": {"expect": {"clip_saturation"}, "points": {"train/grad_norm": 6},
-                           "known": {"clip_saturation": _CLIP}},
-    "27_fairseq_311.txt": {"expect": {"exploding_gradients", "clip_saturation"}, "jump": ("train/grad_norm", 10),
-                           "known": {"exploding_gradients": _GAP, "clip_saturation": _CLIP}},
+                          "jump": ("train/grad_norm", 1e4), "first": {"train/grad_norm": 7000}},
+    # fairseq prints the share of clipped updates (clip=100%) but not --clip-norm: that share is the evidence
+    "26_fairseq_118.txt": {"expect": {"clip_saturation"}, "points": {"train/grad_norm": 6}},
+    "27_fairseq_311.txt": {"expect": {"exploding_gradients", "clip_saturation"}, "jump": ("train/grad_norm", 10)},
     "28_fairseq_940.txt": {"healthy": True, "forbid": {"loss_scale_collapse"}, "steps": {"eval/loss": [600]}},
     "29_Megatron-DeepSpeed_396.txt": {"expect": {"nan_grad_norm"}, "first": {"train/grad_norm": 5426}},
     "30_NLUT_12.txt": {"expect": {"nan_loss"}, "first": {"train/loss": 4500}},
     "31_mpII-face-gaze_3.txt": {"expect": {"nan_loss"}, "first": {"train/loss": 100}},
     "32_MedicalDataAugmentationTool-VerSe_31.txt": {"expect": {"nan_loss", "nan_grad_norm", "loss_scale_collapse"}},
     "33_LION_9.txt": {"expect": {"nan_loss"}, "first": {"train/loss": 104}},
-    "34_tensorflow_12287.txt": {"expect": {"plateau"}, "points": {"train/loss": 28},
-                                "known": {"plateau": "trend.plateau does not yet flag a loss pinned at ln 2 after a noisy start"}},
-    "35_caffe-mobilenet-v3_1.txt": {"expect": {"plateau"}, "forbid": {"nan_loss"},
-                                    "known": {"plateau": "trend.plateau does not yet flag a loss at ln(1000) over 5 points"}},
+    "34_tensorflow_12287.txt": {"expect": {"plateau"}, "points": {"train/loss": 28}},
+    "35_caffe-mobilenet-v3_1.txt": {"expect": {"plateau"}, "forbid": {"nan_loss"}},
     "36_keys_values_97.txt": {"forbid": {"loss_zero_collapse"}, "points": {"train/loss": 12}},
     "37_litgpt_1110.txt": {"healthy": True, "forbid": {"abrupt_end", "crash"}, "points": {"train/loss": 5}},
-    "38_LLaMA2-Accessory_48.txt": {"healthy": True, "known": {
-        "clip_saturation": "grad_norm 0.27-2.5 against an assumed max_grad_norm; the run is healthy per SOURCES.md"}},
+    # a custom MetricLogger loop: no HF default max_grad_norm to assume, so grad_norm 0.27-2.5 is no clip_saturation
+    "38_LLaMA2-Accessory_48.txt": {"healthy": True, "forbid": {"clip_saturation"}},
     "39_minimind_26.txt": {"healthy": True, "points": {"train/loss": 19}},
     "40_Person_reID_baseline_pytorch_372.txt": {"expect": {"crash_device_assert", "abrupt_end"}},
     "41_detectron2_1563.txt": {"expect": {"crash_oom", "abrupt_end"},

@@ -88,7 +88,9 @@ def analyze_run(
     ignore = ignore or set()
     params = params or {}
     report = RunReport(run=info.name, path=info.path, sources=list(info.sources), config=dict(info.config), frame=frame, info=info)
-    metrics = set(frame["metric"].unique()) if len(frame) else set()
+    from autopsy.detectors._common import metric_names
+
+    metrics = set(metric_names(frame)) if len(frame) else set()  # one pass, shared with the detectors
     findings: list[Finding] = []
     for spec in registered().values():
         sigs = _wanted(spec, select, ignore)
@@ -147,8 +149,25 @@ def analyze(
     ign = set(ignore or ())
     _check_names((sel or set()) | ign, "--select/--ignore")
     report = Report(version=__version__)
-    for name in runs_of(frame):
-        sub = frame[frame["run"] == name]
+    names = _run_names(frame)
+    for name in names:
+        if len(names) == 1:
+            # one run: no per-run mask (a 10M-row take); a shallow copy to carry this run's attrs
+            sub = frame.copy(deep=False)
+        else:
+            sub = frame[(frame["run"] == name).to_numpy()]
         sub.attrs = {"runs": {name: run_info(frame, name)}}
         report.runs.append(analyze_run(sub, run_info(frame, name), select=sel, ignore=ign, params=params))
     return report
+
+
+def _run_names(frame: pd.DataFrame) -> list[str]:
+    """The run names in order of appearance, plus runs known only from metadata (as :func:`runs_of`, faster)."""
+    if not len(frame):
+        return runs_of(frame)
+    codes, uniq = pd.factorize(frame["run"])  # keeps the order of appearance; no 10M-element tolist
+    names = [str(u) for u in uniq]
+    for name in frame.attrs.get("runs", {}):
+        if name not in names:
+            names.append(name)
+    return names

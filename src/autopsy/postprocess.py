@@ -3,7 +3,9 @@
 Rules (each a small function, applied in order):
 
 1. ``exploding_gradients`` / ``divergence`` at or before a NaN (``nan_grad_norm``, ``nan_loss``,
-   ``loss_zero_collapse``) are the NaN's precursors: folded into its evidence (``precursors``), not reported twice.
+   ``loss_zero_collapse``) are the NaN's precursors: folded into its evidence (``precursors``), not reported twice;
+   except when only the grad norm went non-finite, the logged loss stayed finite and had already diverged: then the
+   divergence is the failure and both stay reported (each also listed in the NaN's ``precursors``).
 2. A ``config_risk`` whose ``can_explain`` names a finding's signature becomes that finding's cause (the
    "no warmup" risk only for findings in the run's first 10%); a risk that explains something is dropped as a
    separate finding, a risk marked ``standalone=False`` that explains nothing is dropped too.
@@ -30,13 +32,20 @@ def _fold_precursors(findings: list[Finding]) -> list[Finding]:
     if not nan:
         return findings
     target = min(nan, key=lambda f: (f.step, -int(f.severity)))
+    # a NaN only in the grad norm while the logged loss stayed finite (no nan_loss, no 0.0 collapse), after the loss
+    # had already diverged: the divergence is the failure, the non-finite norm its last stage. Both stay reported
+    # (fairseq#41: gnorm 2 -> 1e5 -> 1e13 -> inf while the loss climbs to 1e12).
+    loss_nan = any(f.signature in ("nan_loss", "loss_zero_collapse") for f in nan)
+    diverged_first = any(f.signature == "divergence" and f.step is not None and f.step < target.step for f in findings)
+    keep_separate = target.signature == "nan_grad_norm" and not loss_nan and diverged_first
     out = []
     for f in findings:
         if f.signature in _PRECURSORS and f.step is not None and f.step <= target.step:
             target.evidence.setdefault("precursors", []).append(
                 {"signature": f.signature, "step": f.step, "steps_before": int(target.step - f.step), "summary": f.summary}
             )
-            continue
+            if not keep_separate:
+                continue
         out.append(f)
     return out
 

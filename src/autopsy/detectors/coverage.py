@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import metric_series
+from autopsy.detectors._common import metric_names, metric_series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
 from autopsy.frame import RunInfo
@@ -30,7 +30,7 @@ def insufficient_data(frame: pd.DataFrame, *, info: RunInfo | None = None, min_p
     finite = int(np.isfinite(loss.to_numpy()).sum())
     if finite >= min_points:
         return []
-    metrics = sorted(str(m) for m in frame["metric"].unique()[:50])
+    metrics = sorted(metric_names(frame))[:50]
     return [
         Finding(
             signature="insufficient_data",

@@ -26,9 +26,28 @@ from autopsy.frame import RunInfo
 __all__ = ["clip_saturation", "exploding_gradients", "vanishing_gradients"]
 
 
-def _post_warmup(frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how: str = "median") -> pd.Series:
+def _post_warmup(frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how: str = "median",
+                 elevated: float = 2.0) -> pd.Series:
+    """The series after warmup and the run's first logs.
+
+    Warmup (from the config or the LR curve) is always left out. The first logs are left out only while they sit
+    above `elevated` (2x) the median of the rest: the high norms of a run's first steps are what the skip is for, and
+    an excerpt that starts mid-run (a log pasted from step 35496) or a run whose first norms are already settled keeps
+    every point, which matters when it has only 6-10 of them.
+    """
     s = reduce_points(metric_series(frame, metric, finite=True), max_points=50_000, how=how)
-    i0 = settle_index(s.index.to_numpy(), warmup_end_step(frame, info), early_share=0.05)
+    steps = s.index.to_numpy()
+    wu = warmup_end_step(frame, info)
+    i_wu = settle_index(steps, wu, early_share=0.0, min_skip=0) if wu else 0
+    i_early = settle_index(steps, None, early_share=0.05)
+    i0 = i_wu
+    if i_early > i_wu and s.size > i_early:
+        v = s.to_numpy(dtype=np.float64)
+        ref = float(np.median(v[i_early:]))
+        j = i_wu
+        while j < i_early and v[j] > elevated * ref:
+            j += 1
+        i0 = j
     return s.iloc[i0:]
 
 
@@ -39,7 +58,7 @@ def exploding_gradients(
     info: RunInfo | None = None,
     factor: float = 10.0,
     baseline_share: float = 0.25,
-    min_points: int = 8,
+    min_points: int = 6,
 ) -> list[Finding]:
     """The grad norm jumps or climbs far above its post-warmup baseline.
 
@@ -87,7 +106,7 @@ def exploding_gradients(
         minutes = minutes_between(frame, "train/grad_norm", int(steps[climb]), int(steps[first]))
         if minutes is not None:
             evidence["climb_minutes"] = minutes
-    max_norm, _ = assumed_max_grad_norm(info)
+    max_norm, _ = assumed_max_grad_norm(info, frame)
     evidence["max_grad_norm"] = max_norm
     return [
         Finding(
@@ -166,6 +185,22 @@ def vanishing_gradients(
     ]
 
 
+# the share of clipped updates some frameworks print themselves (fairseq: "clip=100%", a percentage)
+_CLIP_SHARE_METRICS = ("clip", "train/clip")
+
+
+def _logged_clip_share(frame: pd.DataFrame, start_step: int) -> tuple[float, str, int] | None:
+    """(share of updates clipped, metric, points) from a logged clip percentage, after ``start_step``."""
+    for name in _CLIP_SHARE_METRICS:
+        c = metric_series(frame, name, finite=True)
+        if len(c):
+            c = c[c.index >= start_step]
+            if len(c):
+                share = float(np.clip(np.median(c.to_numpy(dtype=np.float64)) / 100.0, 0.0, 1.0))
+                return share, name, int(len(c))
+    return None
+
+
 @detector(requires=("train/grad_norm",), signatures=("clip_saturation",), tags=("gradients",))
 def clip_saturation(
     frame: pd.DataFrame,
@@ -174,55 +209,79 @@ def clip_saturation(
     max_grad_norm: float | None = None,
     share: float = 0.5,
     severe_ratio: float = 10.0,
+    min_points: int = 5,
 ) -> list[Finding]:
     """Clipping fires on most steps after warmup.
 
     Signature: the pre-clip grad norm is above max_grad_norm on more than `share` (half) of post-warmup logs.
     max_grad_norm comes from the parameter, else the run's config, else HF Trainer's default 1.0 (said in the
-    evidence). Severity follows harm: a median norm `severe_ratio` (10x) the threshold or more, or a loss that is
-    not falling, is an error (the run is wasting compute); a few times the threshold with a falling loss is info
-    (warning when the threshold was assumed).
+    evidence), assumed only when the run looks like an HF Trainer run (its source, config names or log keys): a
+    fairseq, mmengine, Keras or custom loop has no such default. Where the log prints the share of clipped updates
+    itself (fairseq's `clip=100%`), that share is the evidence and no threshold is needed.
+    Severity follows harm: a median norm `severe_ratio` (10x) the threshold or more, or a rising loss, is an error
+    (the run is wasting compute); a few times the threshold with a loss that is not rising is info (an assumed
+    threshold is less evidence, not more: confirm it); a logged clip share with a loss that is not falling, warning.
     Likely causes: the learning rate is too high for the model/data; a threshold far below the natural norm.
     What to check next: lower the LR 2-10x; confirm max_grad_norm in the run config.
     """
     assumed = False
     if max_grad_norm is None:
-        max_grad_norm, assumed = assumed_max_grad_norm(info)
-    if max_grad_norm is None or not max_grad_norm > 0:
-        return []  # clipping is off: config_audit says so
+        max_grad_norm, assumed = assumed_max_grad_norm(info, frame)
+        if max_grad_norm is None and info is not None and "max_grad_norm" in info.config:
+            return []  # clipping is off: config_audit says so
+    elif not max_grad_norm > 0:
+        return []
     g = _post_warmup(frame, info, "train/grad_norm")
     v = g.to_numpy(dtype=np.float64)
-    if v.size < 5:
+    if v.size < min_points:
         return []
-    over = v > max_grad_norm
-    frac = float(over.mean())
-    if frac <= share:
-        return []
+    logged = None
+    if max_grad_norm is None:
+        # no threshold known: only a clip share the log prints itself can tell
+        logged = _logged_clip_share(frame, int(g.index[0]))
+        if logged is None or logged[0] <= share:
+            return []
+        over = np.ones(v.size, dtype=bool)
+        frac = logged[0]
+    else:
+        over = v > max_grad_norm
+        frac = float(over.mean())
+        if frac <= share:
+            return []
     med = float(np.median(v))
-    ratio = med / max_grad_norm
+    ratio = med / max_grad_norm if max_grad_norm else None
     loss = metric_series(frame, "train/loss", finite=True)
     loss = loss[loss.index >= g.index[0]]
     falling = rising = None
-    if len(loss) >= 6:
+    if len(loss) >= min_points:
         lv = loss.to_numpy()
         q = max(2, lv.size // 5)
         falling = bool(np.median(lv[-q:]) < 0.97 * np.median(lv[:q]))
         rising = bool(np.median(lv[-q:]) > 1.03 * np.median(lv[:q]))
-    if ratio >= severe_ratio or rising:
+    if (ratio is not None and ratio >= severe_ratio) or rising:
         severity = Severity.ERROR
+    elif logged is not None and not falling:
+        severity = Severity.WARNING  # the log itself says every update is clipped and the loss is not improving
     else:
-        severity = Severity.WARNING if assumed else Severity.INFO
+        severity = Severity.INFO
     evidence = {
         "share_clipped": evidence_value(frac),
         "median_grad_norm": evidence_value(med),
         "max_grad_norm": max_grad_norm,
         "max_grad_norm_assumed": assumed,
-        "median_over_threshold": evidence_value(ratio),
+        "median_over_threshold": evidence_value(ratio) if ratio is not None else None,
         "points": int(v.size),
         "loss_falling": falling,
         "loss_rising": rising,
     }
-    note = " (max_grad_norm assumed: HF default 1.0)" if assumed else ""
+    if logged is not None:
+        evidence.update(share_source=f"the log's own '{logged[1]}' (percent of updates clipped)", share_points=logged[2])
+        summary = (f"the log says clipping fired on {frac:.0%} of updates ('{logged[1]}'); median pre-clip grad norm "
+                   f"{evidence['median_grad_norm']}, max_grad_norm not printed")
+    else:
+        note = " (max_grad_norm assumed: HF default 1.0)" if assumed else ""
+        summary = (f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm {evidence['median_grad_norm']} "
+                   f"= {ratio:.1f}x max_grad_norm {max_grad_norm}{note}")
     return [
         Finding(
             signature="clip_saturation",
@@ -230,8 +289,7 @@ def clip_saturation(
             step=int(g.index[int(np.argmax(over))]),
             end_step=int(g.index[-1]),
             metric="train/grad_norm",
-            summary=(f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm {evidence['median_grad_norm']} "
-                     f"= {ratio:.1f}x max_grad_norm {max_grad_norm}{note}"),
+            summary=summary,
             evidence=evidence,
             cause="the learning rate is too high: every update is cut to max_grad_norm, so the step size is set by the clip",
             fix="lower the learning rate 2-10x; confirm max_grad_norm in the run's config",

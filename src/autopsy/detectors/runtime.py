@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import evidence_value
+from autopsy.detectors._common import evidence_value, last_step, metric_series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo, series
+from autopsy.frame import RunInfo
 
 __all__ = ["abrupt_end", "crash", "loss_scale_collapse", "unreadable_log"]
 
@@ -59,8 +59,7 @@ def _crash_info(info: RunInfo | None) -> dict[str, Any] | None:
 
 
 def _last_step(frame: pd.DataFrame) -> int | None:
-    live = frame[~frame["superseded"] & frame["metric"].str.startswith("train/")] if len(frame) else frame
-    return int(live["step"].max()) if len(live) else None
+    return last_step(frame, "train/")
 
 
 @detector(signatures=("crash",), tags=("runtime",))
@@ -115,7 +114,7 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
 
 def _nonfinite_at_end(frame: pd.DataFrame) -> bool:
     for metric in ("train/loss", "train/grad_norm", "eval/loss"):
-        s = series(frame, metric)
+        s = metric_series(frame, metric)
         if len(s) and not np.isfinite(s.to_numpy()[-1]):
             return True
     return False
@@ -176,7 +175,7 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     Likely causes: fp16 on a model whose activations or gradients exceed fp16's range (max 65504).
     What to check next: train in bf16; if fp16 is a must, lower the LR, clip, and find the overflowing layer.
     """
-    s = series(frame, "train/loss_scale")
+    s = metric_series(frame, "train/loss_scale")
     v = s.to_numpy(dtype=np.float64)
     v = v[np.isfinite(v) & (v > 0)]
     if v.size < 2:
@@ -185,7 +184,7 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     if final > max_final_scale:
         return []
     halvings = math.log2(peak / final) if final > 0 else float("inf")
-    ov = series(frame, "train/overflow")
+    ov = metric_series(frame, "train/overflow")
     streak = 0
     if len(ov):
         steps_ov = set(ov.index[ov.to_numpy() > 0].tolist())
@@ -209,7 +208,7 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     }
     if info is not None and info.summary.get("_loss_scale_at_minimum"):
         evidence["scaler_at_minimum"] = True
-    loss = series(frame, "train/loss")
+    loss = metric_series(frame, "train/loss")
     nan_loss = bool(len(loss) and not np.isfinite(loss.to_numpy()[-1]))
     severity = Severity.CRITICAL if final <= 1.0 or nan_loss or streak >= min_overflow_streak else Severity.ERROR
     return [Finding(signature="loss_scale_collapse", severity=severity, step=first, end_step=int(steps[-1]),

@@ -48,7 +48,7 @@ def divergence(
     info: RunInfo | None = None,
     rise: float = 0.5,
     tail_share: float = 0.1,
-    min_points: int = 10,
+    min_points: int = 6,
 ) -> list[Finding]:
     """The train loss rises and does not come back (no NaN needed).
 
@@ -131,12 +131,28 @@ def divergence(
     ]
 
 
-def _near_chance(level: float, info: RunInfo | None, tol: float) -> tuple[str, float] | None:
+def _near_chance(level: float, info: RunInfo | None, tol: float, classes: tuple[int, ...] = ()) -> tuple[str, float] | None:
     levels = dict(chance_levels(info))
-    for k in range(2, 11):  # small label counts: ln(2)..ln(10), the losses of a classifier that learned nothing
+    for k in (*range(2, 11), *classes):  # ln(2)..ln(10): the losses of a small classifier that learned nothing
         levels.setdefault(f"ln({k})", math.log(k))
     best = min(levels.items(), key=lambda kv: abs(kv[1] - level))
     return best if abs(best[1] - level) <= tol * best[1] else None
+
+
+def _pinned_at_chance(v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[int, ...],
+                      min_points: int, min_share: float) -> tuple[str, float, int] | None:
+    """(level name, value, points) when the loss ends pinned at a chance level: the trailing run of logs within
+    ``tol`` of ln(k) covers at least ``min_points`` logs and ``min_share`` of the run."""
+    if v.size < min_points:
+        return None
+    chance = _near_chance(float(v[-1]), info, tol, classes)
+    if chance is None:
+        return None
+    off = np.abs(v - chance[1]) > tol * chance[1]
+    tail = int(v.size - (np.flatnonzero(off)[-1] + 1)) if off.any() else int(v.size)
+    if tail < min_points or tail < min_share * v.size:
+        return None
+    return chance[0], chance[1], tail
 
 
 @detector(requires=("train/loss",), signatures=("plateau",), tags=("loss",))
@@ -147,15 +163,23 @@ def plateau(
     min_drop: float = 0.02,
     chance_tol: float = 0.03,
     min_points: int = 8,
+    pin_tol: float = 0.002,
+    pin_points: int = 4,
+    pin_share: float = 0.3,
+    chance_classes: tuple[int, ...] = (100, 1000),
 ) -> list[Finding]:
     """The train loss barely moves from its start (or sits at a chance level).
 
     Signature: the median of the last 20% of logs is less than `min_drop` (2%) below the median of the first 10%
     after the first logs, and the difference is within the noise. At a chance level (ln(num_labels) or
     ln(vocab_size) from the config, or ln(2)..ln(10), within `chance_tol`) the run learned nothing: error.
-    A loss that was flat for a phase and then fell is not reported.
-    Likely causes: learning rate far too low, labels all masked, frozen weights, the optimizer not stepping.
-    What to check next: 10x the learning rate; the labels of a batch; the trainable parameter count.
+    Also, whatever came before: a loss that ends pinned at a chance level (ln(k) for k = 2..10, `chance_classes`
+    such as 100 and 1000 for CIFAR-100 and ImageNet, or the config's) within `pin_tol` (0.2%: a trained model's loss
+    never sits that exactly on ln(k)) for the last `pin_points` (4) logs or more and at least `pin_share` (30%) of
+    the run: error, even over a handful of logs. A loss that was flat for a phase and then fell is not reported.
+    Likely causes: learning rate far too low, labels all masked, frozen weights, the optimizer not stepping; pinned
+    at chance after a noisy start: saturated logits (outputs scaled up), a dead network.
+    What to check next: 10x the learning rate; the labels of a batch; the trainable parameter count; the logits.
     """
     if rl_objective(frame, info):
         return []
@@ -163,6 +187,39 @@ def plateau(
     v = loss.to_numpy(dtype=np.float64)
     steps = loss.index.to_numpy()
     n = v.size
+    pinned = _pinned_at_chance(v, info, tol=pin_tol, classes=tuple(chance_classes), min_points=pin_points,
+                               min_share=pin_share) if n else None
+    if pinned is not None:
+        first = n - pinned[2]
+        evidence = {
+            "chance_level": pinned[0],
+            "chance_value": evidence_value(pinned[1]),
+            "pinned_points": int(pinned[2]),
+            "pinned_from_step": int(steps[first]),
+            "end_level": evidence_value(float(v[-1])),
+            "max_deviation": evidence_value(float(np.max(np.abs(v[first:] - pinned[1])))),
+            "points": int(n),
+            "first_step": int(steps[0]),
+            "last_step": int(steps[-1]),
+        }
+        before = v[:first]
+        if before.size:
+            evidence["level_before"] = evidence_value(float(np.median(before)))
+        return [
+            Finding(
+                signature="plateau",
+                severity=Severity.ERROR,
+                step=int(steps[first]),
+                end_step=int(steps[-1]),
+                metric="train/loss",
+                summary=(f"train loss pinned at {evidence['end_level']} ~ {pinned[0]} = {evidence['chance_value']} (chance) "
+                         f"for the last {pinned[2]} logs, from step {steps[first]}: the model predicts uniformly"),
+                evidence=evidence,
+                cause=("the model outputs a uniform distribution: saturated or dead logits (outputs scaled up, a "
+                       "collapsed layer), labels masked, or the weights not updating"),
+                fix="check the logits' scale and the labels of a batch; lower the LR if the loss was unstable before; 10x it if it never moved",
+            )
+        ]
     if n < min_points or np.all(v == 0.0):
         return []
     skip = min(max(1, n // 20), 3)

@@ -14,9 +14,10 @@ import os
 import numpy as np
 import pandas as pd
 
+from autopsy.detectors._common import metric_series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo, series
+from autopsy.frame import RunInfo
 
 __all__ = ["weights_nonfinite"]
 
@@ -24,7 +25,7 @@ __all__ = ["weights_nonfinite"]
 def _first_bad_step(frame: pd.DataFrame) -> int | None:
     firsts = []
     for metric in ("train/loss", "train/grad_norm"):
-        s = series(frame, metric)
+        s = metric_series(frame, metric)
         bad = ~np.isfinite(s.to_numpy(dtype=np.float64))
         if bad.any():
             firsts.append(int(s.index.to_numpy()[int(np.argmax(bad))]))
