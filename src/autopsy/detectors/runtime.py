@@ -120,6 +120,18 @@ def _nonfinite_at_end(frame: pd.DataFrame) -> bool:
     return False
 
 
+def _planned_from_epochs(frame: pd.DataFrame, info: RunInfo) -> int | None:
+    """Planned steps when only epochs were set (max_steps=-1): num_train_epochs x the logged steps per epoch."""
+    epochs = info.num_train_epochs
+    ep = metric_series(frame, "train/epoch")
+    if not epochs or epochs <= 0 or len(ep) < 2:
+        return None
+    last_epoch = float(ep.to_numpy()[-1])
+    if not np.isfinite(last_epoch) or last_epoch <= 0:
+        return None
+    return int(round(epochs * int(ep.index[-1]) / last_epoch))
+
+
 @detector(signatures=("abrupt_end",), tags=("runtime",))
 def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
     """The run stops short of its planned steps with no final record.
@@ -136,7 +148,7 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Find
     c = _crash_info(info)
     if (last is None and c is None) or _nonfinite_at_end(frame):
         return []
-    planned = info.max_steps
+    planned = info.max_steps or _planned_from_epochs(frame, info)
     if c is not None and c.get("kind") == "interrupted":
         return []
     short = planned is not None and last is not None and last < planned
@@ -144,6 +156,8 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Find
     if c is None and not (short and info.finished is False):
         return []
     evidence: dict[str, Any] = {"last_step": last, "max_steps": planned}
+    if planned is not None and not info.max_steps:
+        evidence["max_steps_from"] = "num_train_epochs x logged steps per epoch"
     if short:
         evidence["share_done"] = evidence_value(last / planned)  # type: ignore[operator]
     if c is not None:

@@ -233,7 +233,9 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
             info.summary[key] = value  # later (higher-ranked) files win
         rows.append(long)
         _fill_info(info, state, is_root=bool(is_root))
-    info.finished = bool(info.summary.get("train_runtime") is not None) if parsed else None
+    # the final summary entry proves the run finished; its absence proves nothing: HF writes a root
+    # trainer_state.json only when the script calls save_state(), and a checkpoint's copy is saved mid-run
+    info.finished = True if info.summary.get("train_runtime") is not None else None
     if rows and any(len(r) for r in rows):
         long = pd.concat([r for r in rows if len(r)], ignore_index=True)
         long = long.sort_values(["rank", "order"], kind="stable")
