@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "fixtures"
-RUNS = FIXTURES / "runs"
-SHARED = REPO.parent / "shared"
-REAL_LOGS = SHARED / "real-logs"
-ISSUE_LOGS = SHARED / "issue-logs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import FIXTURES, ISSUE_LOGS, REAL_LOGS, REPO, RUNS, SHARED, needs_shared  # noqa: E402,F401
 
 sys.path.insert(0, str(FIXTURES))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,8 +38,3 @@ def fresh_nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fresh") / "nan-run"
     tinyllama.train(out, max_steps=40, learning_rate=5e-4, plant_inf_at=30, eval_steps=20, save_steps=10)
     return out
-
-
-def needs_shared(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"{path} is not present (../shared/ is beside the repo in CI and on dev machines)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from conftest import REAL_LOGS, needs_shared
+from _paths import REAL_LOGS, needs_shared
 
 from autopsy import analyze
 from autopsy.findings import Severity

@@ -19,7 +19,7 @@ from autopsy.detectors._registry import registered
 from autopsy.findings import Severity
 from autopsy.frame import series
 from autopsy.importers import load
-from conftest import ISSUE_LOGS, needs_shared
+from _paths import ISSUE_LOGS, needs_shared
 
 # name -> expect, forbid, series checks {metric: (kind, args)}, known exceptions {signature: reason}
 CASES: dict[str, dict] = {

@@ -14,7 +14,7 @@ from _wandb_support import rows_from_log_history, write_runs
 from autopsy.analysis import analyze
 from autopsy.frame import run_info, runs_of, series
 from autopsy.importers import load
-from conftest import RUNS
+from _paths import RUNS
 
 EXTRA = "train/tokens_per_second"  # a metric only the W&B run has (a user's own callback)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from _paths import REPO
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _tb_support import HF_ARGS, HF_MODEL, loss_at, write_hf_run, write_tensor_scalars
-from conftest import REAL_LOGS, REPO, needs_shared
+from _paths import REAL_LOGS, REPO, needs_shared
 
 import autopsy
 from autopsy.frame import run_info, series

@@ -21,7 +21,7 @@ from autopsy.importers import load
 from autopsy.importers._leveldb_log import BLOCK_SIZE, read_log
 from autopsy.importers.discover import find_runs
 from autopsy.importers.wandb import from_api_run, read_wandb, read_wandb_export
-from conftest import REAL_LOGS, needs_shared
+from _paths import REAL_LOGS, needs_shared
 
 HF_CONFIG = {"max_steps": 200, "logging_steps": 1, "eval_steps": 25, "save_steps": 50, "learning_rate": 1e-3,
              "max_grad_norm": 1.0, "logging_nan_inf_filter": True, "num_train_epochs": 1}
@@ -301,7 +301,7 @@ def hf_wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     after step 30. In a subprocess, so that wandb's global state stays out of the test process."""
     import os
 
-    from conftest import FIXTURES
+    from _paths import FIXTURES
 
     base = tmp_path_factory.mktemp("hfwandb")
     code = ("import sys, tinyllama; tinyllama.train(sys.argv[1], max_steps=40, learning_rate=5e-4, plant_inf_at=30, "
