@@ -5,7 +5,15 @@ from __future__ import annotations
 import io
 
 from autopsy.findings import Report, Severity
-from autopsy.report._common import config_summary, format_evidence, format_value, restart_advice
+from autopsy.report._common import (
+    config_summary,
+    first_bad_step,
+    format_evidence,
+    format_value,
+    format_wall,
+    restart_advice,
+    step_wall_times,
+)
 
 __all__ = ["render_console"]
 
@@ -29,6 +37,10 @@ def render_console(report: Report, *, width: int | None = None, color: bool | No
         head.append(f"{run.run}", style="bold")
         head.append(f"  ({', '.join(run.sources) or 'no source'})  {run.path}\n", style="dim")
         head.append(run.verdict(), style=style)
+        bad = first_bad_step(run)
+        if bad is not None:
+            wall = format_wall(bad, step_wall_times(run))
+            head.append(f"\nfirst bad step: {bad}" + (f" ({wall})" if wall else ""))
         advice = restart_advice(run)
         if advice:
             head.append(f"\n{advice}", style="bold")
@@ -54,10 +66,16 @@ def render_console(report: Report, *, width: int | None = None, color: bool | No
             console.print(table)
         cfg = config_summary(run)
         if cfg:
-            console.print("config: " + "; ".join(f"{k}={format_value(v)}" for k, v in cfg.items()), style="dim")
+            console.print("config: " + "; ".join(f"{k}={format_value(v)}" for k, v in cfg.items()), style="dim", markup=False)
+        info = run.info
+        for d in (getattr(info, "damage", None) or []) if info is not None else []:
+            console.print(f"damaged: {d.file} at offset {d.offset}: {d.problem}" + (f" (salvaged: {d.salvaged})" if d.salvaged else ""),
+                          style="yellow", markup=False)
+        for note in (getattr(info, "notes", None) or []) if info is not None else []:
+            console.print(f"note: {note}", style="dim", markup=False)
         if run.skipped and verbose:
-            console.print("skipped: " + "; ".join(f"{s['detector']} ({s['reason']})" for s in run.skipped), style="dim")
+            console.print("skipped: " + "; ".join(f"{s['detector']} ({s['reason']})" for s in run.skipped), style="dim", markup=False)
         for e in run.errors:
-            console.print(f"detector error: {e['detector']}: {e['error']}", style="red")
+            console.print(f"detector error: {e['detector']}: {e['error']}", style="red", markup=False)
         console.print()
     return buf.getvalue()

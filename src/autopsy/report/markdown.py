@@ -1,49 +1,147 @@
-"""Report -> Markdown for a PR comment or an issue."""
+"""Report -> Markdown for a PR comment or an issue: the HTML report's content, plots as PNG files beside it.
+
+With ``plots_dir`` the annotated plots are written there (``<run>-<plot>.png``) and linked relative to the
+Markdown file (``plots_link``, default: the directory's name, as the CLI puts it beside ``--out``). Without it
+no file is written and the text is a pure function of the report.
+"""
 
 from __future__ import annotations
 
-from autopsy.findings import Report
-from autopsy.report._common import config_summary, format_evidence, format_value, restart_advice
+import re
+from pathlib import Path
+
+from autopsy.findings import Report, RunReport, Severity
+from autopsy.report._common import (
+    comparison_rows,
+    config_summary,
+    first_bad_step,
+    format_evidence,
+    format_value,
+    format_wall,
+    replay_evidence,
+    replay_findings,
+    restart_advice,
+    step_range,
+    step_wall_times,
+)
 
 __all__ = ["render_markdown"]
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _cell(text: object) -> str:
+    """Text from the data, safe in a table cell or a line: no raw HTML, no broken table, one line."""
+    return str(text).replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(report: Report) -> str:
-    lines = [f"# autopsy report", "", f"autopsy {report.version}", ""]
-    for run in report.runs:
-        lines += [f"## {run.run}", "", f"**Verdict:** {run.verdict()}", ""]
+def _code(text: object) -> str:
+    """A code span when the text cannot break out of one, else escaped plain text."""
+    t = str(text)
+    return f"`{t}`" if t and not any(c in t for c in "`<>|\n") else _cell(t)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+
+
+def _plots(run: RunReport, idx: int, plots_dir: Path, plots_link: str) -> list[str]:
+    from autopsy.errors import UsageError
+    from autopsy.report.plots import run_plots
+
+    plots = run_plots(run, fmt="png")
+    if not plots:
+        return []
+    try:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write plots to {plots_dir}: {exc.strerror or exc}") from None
+    lines = ["### Plots", ""]
+    for p in plots:
+        name = f"{idx}-{_safe_name(run.run)}-{p.name}.png"
+        (plots_dir / name).write_bytes(p.data)
+        lines += [f"![{p.title}]({plots_link}/{name})", ""]
+        if p.notes:
+            lines += [f"*{_cell('; '.join(p.notes))}*", ""]
+    return lines
+
+
+def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
+    lines = [f"## {_cell(run.run)}", "", f"**Verdict:** {_cell(run.verdict())}", ""]
+    top = run.sorted_findings()[0] if run.findings else None
+    if top is not None and top.severity >= Severity.WARNING:
+        bad = first_bad_step(run)
+        step = bad if bad is not None else top.step
+        wall = format_wall(step, step_wall_times(run))
+        lines += [f"- **Where:** step {step}" + (f" ({wall})" if wall else ""), f"- **Why:** {_cell(top.cause or top.summary)}"]
+        if top.fix:
+            lines.append(f"- **What to do:** {_cell(top.fix)}")
         advice = restart_advice(run)
         if advice:
-            lines += [f"**Restart:** {advice}", ""]
-        lines += [f"Sources: {', '.join(run.sources) or 'none'} — `{run.path}`", ""]
-        findings = run.sorted_findings()
-        if findings:
-            lines += ["| severity | signature | step | summary |", "|---|---|---:|---|"]
-            for f in findings:
-                step = "" if f.step is None else str(f.step)
-                lines.append(f"| {f.severity} | `{f.signature}` | {step} | {_cell(f.summary)} |")
+            lines.append(f"- **Restart:** {_cell(advice)}")
+        elif bad is not None:
+            lines.append(f"- **Restart:** no checkpoint known before step {bad}: restart from scratch")
+        lines.append("")
+    lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(run.path)}", ""]
+    if plots_dir is not None:
+        lines += _plots(run, idx, plots_dir, plots_link)
+    findings = run.sorted_findings()
+    if findings:
+        walls = step_wall_times(run)
+        timeline = sorted(findings, key=lambda f: (f.step if f.step is not None else 1 << 62, -int(f.severity), f.signature))
+        lines += ["### Timeline", "", "| step | wall time | severity | signature | metric | summary |", "|---:|---|---|---|---|---|"]
+        lines += [f"| {step_range(f)} | {format_wall(f.step, walls)} | {f.severity} | `{f.signature}` | "
+                  f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |" for f in timeline]
+        lines.append("")
+        lines += ["### Findings", ""]
+        for f in findings:
+            lines += [f"#### `{f.signature}` ({f.severity})" + (f" at step {step_range(f)}" if f.step is not None else ""), "",
+                      _cell(f.summary), ""]
+            if f.evidence:
+                lines += [f"- **Evidence:** {_cell(format_evidence(f, limit=30))}"]
+            if f.cause:
+                lines += [f"- **Cause:** {_cell(f.cause)}"]
+            if f.fix:
+                lines += [f"- **Fix:** {_cell(f.fix)}"]
             lines.append("")
-            for f in findings:
-                lines += [f"### `{f.signature}` ({f.severity})" + (f" at step {f.step}" if f.step is not None else ""), "",
-                          f.summary, ""]
-                if f.evidence:
-                    lines += [f"- **Evidence:** {_cell(format_evidence(f, limit=30))}"]
-                if f.cause:
-                    lines += [f"- **Cause:** {_cell(f.cause)}"]
-                if f.fix:
-                    lines += [f"- **Fix:** {_cell(f.fix)}"]
-                lines.append("")
-        cfg = config_summary(run)
-        if cfg:
-            lines += ["### Config", "", "| setting | value |", "|---|---|"]
-            lines += [f"| {k} | {_cell(format_value(v))} |" for k, v in cfg.items()]
-            lines.append("")
-        if run.skipped:
-            lines += ["<details><summary>Skipped detectors</summary>", ""]
-            lines += [f"- {s['detector']}: {s['reason']}" for s in run.skipped]
-            lines += ["", "</details>", ""]
+    replay = replay_findings(run)
+    if replay:
+        lines += ["### Replay", "", "| signature | step | evidence |", "|---|---:|---|"]
+        lines += [f"| `{f.signature}` | {step_range(f)} | "
+                  + _cell("; ".join(f"{k}={format_value(v)}" for k, v in replay_evidence(f).items())) + " |" for f in replay]
+        lines.append("")
+    cfg = config_summary(run)
+    if cfg:
+        lines += ["### Config", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(format_value(v))} |" for k, v in cfg.items()]
+        lines.append("")
+    info = run.info
+    damage = list(getattr(info, "damage", []) or []) if info is not None else []
+    notes = list(getattr(info, "notes", []) or []) if info is not None else []
+    if damage or notes:
+        lines += ["### Sources read", ""]
+        lines += [f"- **damaged:** {_code(d.file)} at offset {d.offset}: {_cell(d.problem)}"
+                  + (f" (salvaged: {_cell(d.salvaged)})" if d.salvaged else "") for d in damage]
+        lines += [f"- skipped: {_cell(n)}" for n in notes]
+        lines.append("")
+    if run.skipped:
+        lines += ["<details><summary>Skipped detectors</summary>", ""]
+        lines += [f"- {_cell(s.get('detector', ''))}: {_cell(s.get('reason', ''))}" for s in run.skipped]
+        lines += ["", "</details>", ""]
+    if run.errors:
+        lines += [f"- **detector error:** {_cell(e.get('detector', ''))}: {_cell(e.get('error', ''))}" for e in run.errors] + [""]
+    return lines
+
+
+def render_markdown(report: Report, *, plots_dir: str | Path | None = None, plots_link: str | None = None) -> str:
+    """The report as Markdown; with ``plots_dir``, PNG plots are written there and linked."""
+    pdir = Path(plots_dir) if plots_dir is not None else None
+    link = plots_link if plots_link is not None else (pdir.name if pdir is not None else "")
+    lines = ["# autopsy report", "", f"autopsy {report.version}", ""]
+    if len(report.runs) > 1:
+        rows = comparison_rows(report.runs)
+        cols = list(rows[0])
+        lines += ["## Comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+        lines.append("")
+    for i, run in enumerate(report.runs):
+        lines += _run(run, i, pdir, link)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,305 @@
+"""Report -> one self-contained HTML file: readable offline, attachable to a ticket.
+
+No external URL at all: CSS inline, plots embedded as ``data:`` SVG images, no script; a Content-Security-Policy
+meta tag forbids the page to fetch anything. Every string that comes from the data (run names, metric names,
+paths, config values, evidence) is escaped. The first screen answers: did the run fail, where, why, what to do, and
+which checkpoint to restart from. Pure and deterministic: the same report gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from autopsy.findings import Finding, Report, RunReport, Severity
+from autopsy.report._common import (
+    comparison_rows,
+    config_summary,
+    first_bad_step,
+    format_value,
+    format_wall,
+    last_step,
+    replay_evidence,
+    replay_findings,
+    restart_advice,
+    status_word,
+    step_range,
+    step_wall_times,
+)
+
+__all__ = ["CSP", "render_html"]
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+_CSS = """
+:root{--crit:#b00020;--err:#d9480f;--warn:#b08800;--info:#1c7ed6;--ok:#2b8a3e;--fg:#1b1e21;--muted:#5c6670;--line:#dee2e6}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);background:#f4f5f7}
+main{max-width:1180px;margin:0 auto;padding:16px 20px 40px}
+header.top{display:flex;justify-content:space-between;align-items:baseline;border-bottom:1px solid var(--line);margin-bottom:12px}
+header.top h1{font-size:20px;margin:8px 0}
+.muted{color:var(--muted)}
+section.run{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:18px 0}
+h2{font-size:22px;margin:0 0 4px}
+h3{font-size:17px;margin:22px 0 8px;border-bottom:1px solid var(--line);padding-bottom:3px}
+.verdict{border-left:10px solid var(--ok);background:#ebfbee;padding:12px 16px;border-radius:6px}
+.verdict.sev-critical{border-color:var(--crit);background:#fff0f1}
+.verdict.sev-error{border-color:var(--err);background:#fff4e6}
+.verdict.sev-warning{border-color:var(--warn);background:#fff9db}
+.verdict .status{font-size:26px;font-weight:800;letter-spacing:.02em}
+.verdict.sev-critical .status{color:var(--crit)}.verdict.sev-error .status{color:var(--err)}
+.verdict.sev-warning .status{color:var(--warn)}.verdict.sev-ok .status{color:var(--ok)}
+.verdict .line{font-size:17px;font-weight:600;margin:4px 0 10px}
+.verdict dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
+.verdict dt{font-weight:700}.verdict dd{margin:0}
+.restart{font-weight:700}
+.chip{display:inline-block;border-radius:4px;padding:0 6px;margin:2px 4px 2px 0;font:600 13px ui-monospace,Menlo,Consolas,monospace;color:#fff}
+.sev-bg-critical{background:var(--crit)}.sev-bg-error{background:var(--err)}.sev-bg-warning{background:var(--warn)}.sev-bg-info{background:var(--info)}
+code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
+table{border-collapse:collapse;width:100%;margin:6px 0}
+th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f1f3f5;font-weight:700}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+figure{margin:8px 0 14px}
+figure img{display:block;width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
+figcaption{font-size:13px;color:var(--muted)}
+.finding{border:1px solid var(--line);border-left:6px solid var(--info);border-radius:6px;padding:8px 12px;margin:10px 0}
+.finding.sev-critical{border-left-color:var(--crit)}.finding.sev-error{border-left-color:var(--err)}
+.finding.sev-warning{border-left-color:var(--warn)}
+.finding h4{margin:0 0 4px;font-size:15px}
+.finding .summary{font-weight:600}
+.finding table{font-size:13px;width:auto;min-width:40%}
+.bar{position:relative;height:12px;background:#f1f3f5;border-radius:3px;min-width:80px}
+.scroll{overflow-x:auto}
+.bar span{position:absolute;top:0;bottom:0;border-radius:3px;min-width:3px}
+details{margin:6px 0}
+summary{cursor:pointer;color:var(--muted)}
+.damage{color:var(--err)}
+td.wall{white-space:nowrap;font-size:13px}
+"""
+
+_SEV_CLASS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _val(v: Any) -> str:
+    return _e(format_value(v))
+
+
+def _strip_word(verdict: str, word: str) -> str:
+    """The verdict line without the status word the box already shows in large type."""
+    return verdict[len(word) + 2:] if verdict.startswith(word + ": ") else verdict
+
+
+def _verdict(run: RunReport, idx: int) -> list[str]:
+    worst = run.worst
+    cls = _SEV_CLASS[worst] if worst is not None and worst >= Severity.WARNING else "ok"
+    findings = run.sorted_findings()
+    top = findings[0] if findings and worst is not None and worst >= Severity.WARNING else None
+    bad = first_bad_step(run)
+    last = last_step(run)
+    walls = step_wall_times(run)
+    out = [f'<div class="verdict sev-{cls}" id="verdict-{idx}">',
+           f'<div class="status">{_e(status_word(run))}</div>',
+           f'<div class="line">{_e(_strip_word(run.verdict(), status_word(run)))}</div>', "<dl>"]
+    if top is not None:
+        where = f"step {bad if bad is not None else top.step}"
+        max_steps = getattr(run.info, "max_steps", None) if run.info is not None else None
+        if last is not None:
+            where += f" (run logged up to step {last}" + (f" of {max_steps} planned" if max_steps else "") + ")"
+        wall = format_wall(bad if bad is not None else top.step, walls)
+        if wall:
+            where += f", {wall}"
+        out += [f"<dt>Where</dt><dd>{_e(where)}</dd>",
+                f"<dt>Why</dt><dd>{_e(top.cause or top.summary)}</dd>"]
+        if top.fix:
+            out.append(f"<dt>What to do</dt><dd>{_e(top.fix)}</dd>")
+        advice = restart_advice(run)
+        if advice:
+            out.append(f'<dt>Restart from</dt><dd class="restart">{_e(advice)}</dd>')
+        elif bad is not None:
+            out.append(f"<dt>Restart from</dt><dd>no checkpoint known before step {bad}: restart from scratch</dd>")
+    else:
+        out.append(f"<dt>Steps</dt><dd>{_e(last if last is not None else 'unknown')}</dd>")
+    out.append("</dl>")
+    shown = [f for f in findings if f.severity >= Severity.WARNING]
+    if shown:
+        chips = "".join(f'<span class="chip sev-bg-{_SEV_CLASS[f.severity]}">{_e(f.signature)}'
+                        f'{"" if f.step is None else " @ " + str(f.step)}</span>' for f in shown)
+        out.append(f'<div class="chips">{chips}</div>')
+    out.append("</div>")
+    return out
+
+
+def _plots(run: RunReport, idx: int) -> list[str]:
+    try:
+        from autopsy.report.plots import run_plots
+
+        plots = run_plots(run, fmt="svg")
+    except Exception as exc:  # noqa: BLE001 - a plot never costs the reader the report
+        return ["<h3>Plots</h3>", f'<p class="damage">plots unavailable: {_e(type(exc).__name__)}: {_e(exc)}</p>']
+    if not plots:
+        return []
+    out = ["<h3>Plots</h3>"]
+    for p in plots:
+        notes = "; ".join(p.notes)
+        out.append(f'<figure id="plot-{idx}-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" src="{p.data_uri()}" '
+                   f'alt="{_e(p.alt)}" width="900" height="320">'
+                   f"<figcaption>{_e(p.title)}{': ' + _e(notes) if notes else ''}</figcaption></figure>")
+    return out
+
+
+def _timeline(run: RunReport, idx: int) -> list[str]:
+    findings = sorted(run.findings, key=lambda f: (f.step if f.step is not None else 1 << 62, -int(f.severity), f.signature))
+    if not findings:
+        return []
+    walls = step_wall_times(run)
+    last = last_step(run) or max((f.end_step or f.step or 0) for f in findings) or 1
+    has_wall = bool(walls)
+    out = ["<h3>Timeline</h3>", '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>' + ("<th>wall time</th>" if has_wall else "")
+           + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>"]
+    for f in findings:
+        bar = ""
+        if f.step is not None and last > 0:
+            left = min(max(f.step / last, 0.0), 1.0) * 100
+            end = f.end_step if f.end_step is not None else f.step
+            width = max(min(end / last, 1.0) * 100 - left, 0.0)
+            bar = (f'<div class="bar"><span class="sev-bg-{_SEV_CLASS[f.severity]}" '
+                   f'style="left:{left:.1f}%;width:{width:.1f}%"></span></div>')
+        wall = f"<td class='wall'>{_e(format_wall(f.step, walls))}</td>" if has_wall else ""
+        out.append(f'<tr><td class="num">{_e(step_range(f))}</td>{wall}<td>{_e(f.severity)}</td>'
+                   f"<td><code>{_e(f.signature)}</code></td><td><code>{_e(f.metric or '')}</code></td>"
+                   f"<td>{_e(f.summary)}</td><td>{bar}</td></tr>")
+    out.append("</tbody></table></div>")
+    return out
+
+
+def _finding(f: Finding, idx: int, j: int) -> list[str]:
+    sev = _SEV_CLASS[f.severity]
+    where = f" at step {step_range(f)}" if f.step is not None else ""
+    out = [f'<article class="finding sev-{sev}" id="finding-{idx}-{j}" data-signature="{_e(f.signature)}">',
+           f'<h4><span class="chip sev-bg-{sev}">{_e(f.severity)}</span><code>{_e(f.signature)}</code>{_e(where)}'
+           + (f' <span class="muted">on <code>{_e(f.metric)}</code></span>' if f.metric else "") + "</h4>",
+           f'<div class="summary">{_e(f.summary)}</div>']
+    if f.cause:
+        out.append(f"<div><b>Cause:</b> {_e(f.cause)}</div>")
+    if f.fix:
+        out.append(f"<div><b>Fix:</b> {_e(f.fix)}</div>")
+    if f.evidence:
+        rows = "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items())
+        out.append(f"<details><summary>evidence ({len(f.evidence)} values)</summary><table>{rows}</table></details>")
+    out.append("</article>")
+    return out
+
+
+def _replay(run: RunReport) -> list[str]:
+    found = replay_findings(run)
+    if not found:
+        return []
+    out = ["<h3>Replay</h3>", "<table><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>"]
+    for f in found:
+        ev = "<br>".join(f"<b>{_e(k)}</b>: <code>{_val(v)}</code>" for k, v in replay_evidence(f).items())
+        out.append(f"<tr><td><code>{_e(f.signature)}</code></td><td class='num'>{_e(step_range(f))}</td><td>{ev}</td></tr>")
+    out.append("</tbody></table>")
+    return out
+
+
+def _config(run: RunReport) -> list[str]:
+    cfg = config_summary(run)
+    full = run.config or {}
+    if not cfg and not full:
+        return ["<h3>Config</h3>", '<p class="muted">no config found in the logs</p>']
+    out = ["<h3>Config</h3>"]
+    if cfg:
+        out.append("<table>" + "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>"
+                                        for k, v in cfg.items()) + "</table>")
+    if full:
+        from autopsy.report.json import strict
+
+        text = json.dumps(strict(full), indent=1, sort_keys=True, allow_nan=False)
+        out.append(f"<details><summary>full config ({len(full)} keys)</summary><pre class='mono'>{_e(text)}</pre></details>")
+    return out
+
+
+def _sources(run: RunReport) -> list[str]:
+    out = ["<h3>Sources read</h3>", "<table>",
+           f"<tr><th>path</th><td class='mono'>{_e(run.path or '')}</td></tr>",
+           f"<tr><th>sources</th><td>{_e(', '.join(run.sources) or 'none')}</td></tr>"]
+    info = run.info
+    files = list(getattr(info, "files", []) or []) if info is not None else []
+    if files:
+        items = "<br>".join(_e(f) for f in files[:50]) + (f"<br>... {len(files) - 50} more" if len(files) > 50 else "")
+        out.append(f"<tr><th>files</th><td class='mono'>{items}</td></tr>")
+    checkpoints = dict(getattr(info, "checkpoints", {}) or {}) if info is not None else {}
+    if checkpoints:
+        out.append(f"<tr><th>checkpoints</th><td class='mono'>{_e(', '.join(str(s) for s in sorted(checkpoints)))}</td></tr>")
+    out.append("</table>")
+    damage = list(getattr(info, "damage", []) or []) if info is not None else []
+    if damage:
+        out.append("<p class='damage'><b>Damaged input (salvaged what could be read):</b></p><table><thead><tr><th>file</th>"
+                   "<th>offset</th><th>problem</th><th>salvaged</th></tr></thead><tbody>")
+        out += [f"<tr><td class='mono'>{_e(d.file)}</td><td class='num'>{_e('' if d.offset is None else d.offset)}</td>"
+                f"<td>{_e(d.problem)}</td><td>{_e(d.salvaged)}</td></tr>" for d in damage]
+        out.append("</tbody></table>")
+    notes = list(getattr(info, "notes", []) or []) if info is not None else []
+    if notes:
+        out.append("<p><b>Skipped while reading:</b></p><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    if run.skipped:
+        out.append(f"<details><summary>detectors skipped ({len(run.skipped)})</summary><ul>"
+                   + "".join(f"<li><code>{_e(s.get('detector', ''))}</code>: {_e(s.get('reason', ''))}</li>" for s in run.skipped)
+                   + "</ul></details>")
+    if run.errors:
+        out.append("<p class='damage'><b>Detector errors:</b></p><ul>"
+                   + "".join(f"<li><code>{_e(x.get('detector', ''))}</code>: {_e(x.get('error', ''))}</li>" for x in run.errors)
+                   + "</ul>")
+    return out
+
+
+def _comparison(report: Report) -> list[str]:
+    rows = comparison_rows(report.runs)
+    cols = list(rows[0])
+    out = ['<section class="run" id="comparison"><h2>Comparison</h2><table><thead><tr>'
+           + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cells = [f'<td><a href="#run-{i}">{_e(r["run"])}</a></td>'] + [f"<td>{_e(r[c])}</td>" for c in cols[1:]]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></section>")
+    return out
+
+
+def render_html(report: Report, *, plots: bool = True, title: str | None = None) -> str:
+    """The report as one self-contained HTML page (``plots=False`` leaves the figures out)."""
+    names = ", ".join(r.run for r in report.runs) or "no run"
+    worst = report.worst
+    head_status = "FAILED" if worst == Severity.CRITICAL else ("problems found" if worst is not None and worst >= Severity.WARNING else "healthy")
+    page_title = title or f"autopsy: {head_status}: {names}"
+    body: list[str] = ['<header class="top"><h1>autopsy report</h1>',
+                       f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>']
+    if not report.runs:
+        body.append('<p class="muted">no run found</p>')
+    if len(report.runs) > 1:
+        body += _comparison(report)
+    for i, run in enumerate(report.runs):
+        body.append(f'<section class="run" id="run-{i}"><h2>{_e(run.run)}</h2>')
+        body += _verdict(run, i)
+        if plots:
+            body += _plots(run, i)
+        body += _timeline(run, i)
+        findings = run.sorted_findings()
+        if findings:
+            body.append("<h3>Findings</h3>")
+            for j, f in enumerate(findings):
+                body += _finding(f, i, j)
+        body += _replay(run)
+        body += _config(run)
+        body += _sources(run)
+        body.append("</section>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{_e(page_title)}</title>\n<style>{_CSS}</style>\n</head>\n<body><main>\n"
+            + "\n".join(body) + "\n</main></body></html>\n")
