@@ -264,25 +264,36 @@ def make_frame(
     else:
         wall_arr = np.asarray(wall_time, dtype=np.float64) if n else np.empty(0, dtype=np.float64)
 
-    def col(v: Any) -> Any:
-        if isinstance(v, str):
-            return np.full(n, v, dtype=object)
-        return np.asarray(v, dtype=object) if n else np.empty(0, dtype=object)
-
-    metric_col = col(metric)
+    metric_col = _categorical(metric, n)
     frame = pd.DataFrame(
         {
-            "run": col(run),
-            "source": col(source),
+            "run": _categorical(run, n),
+            "source": _categorical(source, n),
             "metric": metric_col,
             "step": step_arr,
             "value": value_arr,
             "wall_time": wall_arr,
-            "raw_metric": col(raw_metric) if raw_metric is not None else metric_col.copy(),
+            "raw_metric": _categorical(raw_metric, n) if raw_metric is not None else metric_col.copy(),
         }
     )
     frame["superseded"] = _superseded(frame)
     return frame
+
+
+TEXT_COLUMNS = ("run", "source", "metric", "raw_metric")
+
+
+def _categorical(v: Any, n: int) -> pd.Categorical:
+    """A text column as a pandas Categorical: a scalar broadcasts; few distinct values, cheap to build and group."""
+    if isinstance(v, pd.Categorical):
+        return v
+    if isinstance(v, pd.Series) and isinstance(v.dtype, pd.CategoricalDtype):
+        return v.array
+    if isinstance(v, str):
+        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[v])
+    arr = np.asarray(v, dtype=object) if n else np.empty(0, dtype=object)
+    codes, uniques = pd.factorize(arr)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(np.asarray(uniques, dtype=object).astype(str)))
 
 
 def _superseded(frame: pd.DataFrame) -> np.ndarray:
@@ -299,9 +310,21 @@ def _superseded(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     code = np.zeros(n, dtype=np.int64)
     for col in ("run", "source", "metric"):
-        c, uniq = pd.factorize(frame[col], use_na_sentinel=False)
-        code = code * max(len(uniq), 1) + c
+        data = frame[col]
+        if isinstance(data.dtype, pd.CategoricalDtype):
+            c, k = data.cat.codes.to_numpy(dtype=np.int64), len(data.cat.categories)
+        else:
+            c, uniq = pd.factorize(data, use_na_sentinel=False)
+            k = len(uniq)
+        code = code * max(k, 1) + c
     step = frame["step"].to_numpy(dtype=np.int64)
+    groups = int(code.max()) + 1
+    if groups <= 64:
+        # the common case: every series logged in increasing step order, nothing superseded
+        if all(bool((np.diff(step[code == g]) > 0).all()) for g in np.unique(code)):
+            return np.zeros(n, dtype=bool)
+    if groups < 2**15:
+        code = code.astype(np.int16)  # numpy sorts int16 stably with a radix sort
     order = np.argsort(code, kind="stable")
     g, s = code[order], step[order]
     big = np.iinfo(np.int64).max
@@ -333,6 +356,14 @@ def concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         return empty_frame()
     nonempty = [f for f in frames if len(f)]
+    if len(nonempty) > 1:
+        nonempty = [f.copy(deep=False) for f in nonempty]
+        for col in TEXT_COLUMNS:
+            cats = [f[col].array for f in nonempty if isinstance(f[col].dtype, pd.CategoricalDtype)]
+            if len(cats) == len(nonempty):
+                union = pd.api.types.union_categoricals(cats, ignore_order=True).categories
+                for f in nonempty:
+                    f[col] = f[col].cat.set_categories(union)
     out = pd.concat(nonempty, ignore_index=True) if nonempty else empty_frame()
     runs: dict[str, RunInfo] = {}
     for f in frames:
@@ -365,17 +396,17 @@ def merge_sources(frame: pd.DataFrame) -> pd.DataFrame:
             frame = frame[~drop].reset_index(drop=True)
             frame.attrs = attrs
     live = frame[~frame["superseded"]]
-    density = live.groupby(["run", "metric", "source"], sort=False)["step"].nunique().rename("n").reset_index()
+    density = live.groupby(["run", "metric", "source"], sort=False, observed=True)["step"].nunique().rename("n").reset_index()
     # tie-break by a fixed source preference: loggers that see every step first
     pref = {"tensorboard": 0, "wandb": 1, "trainer_state": 2, "console": 3}
     density["pref"] = density["source"].map(pref).fillna(9)
     density = density.sort_values(["run", "metric", "n", "pref"], ascending=[True, True, False, True])
-    rank = density.groupby(["run", "metric"], sort=False).cumcount()
+    rank = density.groupby(["run", "metric"], sort=False, observed=True).cumcount()
     density["rank"] = rank.to_numpy()
     ranked = frame.merge(density[["run", "metric", "source", "rank"]], on=["run", "metric", "source"], how="left")
     ranked["rank"] = ranked["rank"].fillna(99)
     # for each (run, metric, step) keep only the best-ranked source's rows
-    best = ranked.groupby(["run", "metric", "step"], sort=False)["rank"].transform("min")
+    best = ranked.groupby(["run", "metric", "step"], sort=False, observed=True)["rank"].transform("min")
     kept = ranked[ranked["rank"] == best].drop(columns="rank")
     kept = kept.sort_values(["run", "metric", "step"], kind="stable").reset_index(drop=True)
     kept.attrs = frame.attrs
@@ -406,6 +437,8 @@ def validate_frame(frame: pd.DataFrame) -> pd.DataFrame:
     if steps.isna().any():
         raise FrameError("step has missing values")
     if not all(c in frame.columns for c in COLUMNS) or frame["step"].dtype != np.int64 or frame["value"].dtype != np.float64:
+        changed = True
+    elif not all(isinstance(frame[c].dtype, pd.CategoricalDtype) for c in TEXT_COLUMNS):
         changed = True
     if changed:
         out = make_frame(
