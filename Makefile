@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-dev.txt
 	$(PIP) install -q -c constraints.txt -e '.[all]' -r requirements-dev.txt
 	touch $@
 
+DEMO_RUN := fixtures/runs/nan-at-31
+
 demo: setup
-	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31
-	mkdir -p out
-	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31 --out out/report.md
-	$(VENV)/bin/autopsy analyze fixtures/runs/nan-at-31 --out out/report.json
+	$(VENV)/bin/autopsy analyze $(DEMO_RUN)
+	$(VENV)/bin/autopsy analyze $(DEMO_RUN) --out out/report.html
+	$(VENV)/bin/autopsy analyze $(DEMO_RUN) --out out/report.md
+	$(VENV)/bin/autopsy analyze $(DEMO_RUN) --out out/report.json
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup

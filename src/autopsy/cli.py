@@ -101,14 +101,20 @@ def _render(report: Any, fmt: str, out: Path | None, *, plots: bool = True, verb
     if fmt == "html":
         return render(report, "html")
     if fmt == "markdown":
-        opts: dict[str, Any] = {}
-        if plots and out is not None:
-            opts["plots_dir"] = out.parent / (out.stem + "_plots")
-        try:
-            return render(report, "markdown", **opts)
-        except TypeError:
-            return render(report, "markdown")
+        plots_dir = out.parent / (out.stem + "_plots") if plots and out is not None else None
+        return render(report, "markdown", plots_dir=plots_dir)
     return render(report, fmt)
+
+
+def _progress(label: str) -> Any:
+    """A spinner on stderr while a step takes a moment (only on a terminal: logs and pipes stay clean)."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(label)
 
 
 @app.command()
@@ -137,16 +143,14 @@ def analyze(
         spec = str(p)
         if not spec.startswith("wandb:") and not p.exists():
             raise UsageError(f"no such file or directory: {p}")
-        if fmt == "console" and sys.stderr.isatty():
-            from rich.console import Console
-
-            with Console(stderr=True).status(f"reading {p} ..."):
-                frames.append(load(spec, engine=engine))
-        else:
+        with _progress(f"reading {p} ..."):
             frames.append(load(spec if spec.startswith("wandb:") else p, engine=engine))
     frame = concat_frames(frames) if len(frames) > 1 else frames[0]
-    report: Report = run_analyze(frame, select=_split(select) or None, ignore=_split(ignore), params=_parse_params(param or []))
-    _emit(_render(report, fmt, out, plots=not no_plots, verbose=verbose), out, fmt)
+    with _progress("diagnosing ..."):
+        report: Report = run_analyze(frame, select=_split(select) or None, ignore=_split(ignore), params=_parse_params(param or []))
+    with _progress(f"writing the {fmt} report ..."):
+        text = _render(report, fmt, out, plots=not no_plots, verbose=verbose)
+    _emit(text, out, fmt)
     if level is not None and report.reaches(level):
         raise typer.Exit(1)
 

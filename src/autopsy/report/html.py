@@ -120,9 +120,9 @@ def _verdict(run: RunReport, idx: int) -> list[str]:
             out.append(f"<dt>What to do</dt><dd>{_e(top.fix)}</dd>")
         advice = restart_advice(run)
         if advice:
-            out.append(f'<dt>Restart from</dt><dd class="restart">{_e(advice)}</dd>')
+            out.append(f'<dt>Restart</dt><dd class="restart">{_e(advice)}</dd>')
         elif bad is not None:
-            out.append(f"<dt>Restart from</dt><dd>no checkpoint known before step {bad}: restart from scratch</dd>")
+            out.append(f"<dt>Restart</dt><dd>no checkpoint known before step {bad}: restart from scratch</dd>")
     else:
         out.append(f"<dt>Steps</dt><dd>{_e(last if last is not None else 'unknown')}</dd>")
     out.append("</dl>")
