@@ -20,6 +20,7 @@ reading) travels in ``frame.attrs["runs"]`` as :class:`RunInfo` objects keyed by
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,7 @@ METRIC_ALIASES: dict[str, str] = {
 _EVAL_SET_LOSS = re.compile(r"^eval/(?P<set>.+?)[_/]loss$")
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_metric(raw: str, *, hf_flat: bool = False) -> str:
     """Map a source's metric name to the canonical name.
 
