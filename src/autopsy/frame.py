@@ -400,8 +400,9 @@ def merge_sources(frame: pd.DataFrame) -> pd.DataFrame:
     live = frame[~frame["superseded"]]
     density = live.groupby(["run", "metric", "source"], sort=False, observed=True)["step"].nunique().rename("n").reset_index()
     # tie-break by a fixed source preference: loggers that see every step first
-    pref = {"tensorboard": 0, "wandb": 1, "trainer_state": 2, "console": 3}
-    density["pref"] = density["source"].map(pref).fillna(9)
+    # (autopsy's own callback log first: it holds the true loss where HF's NaN filter logged 0.0)
+    pref = {"autopsy": -1, "tensorboard": 0, "wandb": 1, "trainer_state": 2, "console": 3}
+    density["pref"] = density["source"].astype(str).map(pref).fillna(9).astype(float)
     density = density.sort_values(["run", "metric", "n", "pref"], ascending=[True, True, False, True])
     rank = density.groupby(["run", "metric"], sort=False, observed=True).cumcount()
     density["rank"] = rank.to_numpy()

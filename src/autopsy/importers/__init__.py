@@ -28,6 +28,7 @@ IMPORTERS: dict[str, str] = {
     "wandb": "autopsy.importers.wandb:read_wandb",
     "wandb_export": "autopsy.importers.wandb:read_wandb_export",
     "console": "autopsy.importers.console:read_console",
+    "autopsy_log": "autopsy.importers.autopsy_log:read_autopsy_log",
 }
 
 # model config keys worth carrying (the OOM estimate and replay use them)
@@ -98,7 +99,7 @@ def load_run(files: RunFiles, *, engine: str = "auto") -> pd.DataFrame:
     """Read every file of one run and merge the sources into one canonical frame."""
     frames: list[pd.DataFrame] = []
     info = RunInfo(name=files.name, path=str(files.root))
-    for kind in ("trainer_state", "tensorboard", "wandb", "wandb_export", "console"):
+    for kind in ("trainer_state", "tensorboard", "wandb", "wandb_export", "console", "autopsy_log"):
         paths = files.files.get(kind)
         if not paths:
             continue

@@ -45,6 +45,8 @@ def classify(path: Path) -> str | None:
     name = path.name
     if name == "trainer_state.json":
         return "trainer_state"
+    if name == "losses.jsonl" and path.parent.name == "autopsy":
+        return "autopsy_log"  # the true per-step losses recorded by autopsy.callbacks.AutopsyCallback
     wandb_kind = _classify_wandb(path)
     if wandb_kind is not None:
         return wandb_kind or None
@@ -141,6 +143,8 @@ def _run_root(path: Path, kind: str, base: Path) -> Path:
         if wd is not None:
             return wd
     parent = path.parent
+    if kind == "autopsy_log":
+        return parent.parent  # <output_dir>/autopsy/losses.jsonl
     # files inside checkpoint-N/ belong to the output dir above it
     if _CHECKPOINT_DIR.match(parent.name):
         return parent.parent if parent != base else parent

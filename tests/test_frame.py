@@ -1,0 +1,77 @@
+"""The canonical frame: construction, superseded rows, merging sources, user frames."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import autopsy
+from autopsy.frame import (COLUMNS, FrameError, canonical_metric, concat_frames, make_frame, merge_sources, series,
+                           validate_frame)
+
+
+def sup(steps):
+    return make_frame(run="r", source="s", metric="m", step=steps, value=np.zeros(len(steps)))["superseded"].tolist()
+
+
+def test_superseded_rows():
+    assert sup([1, 2, 3, 4, 5, 6, 5, 6, 7, 8]) == [False] * 4 + [True, True] + [False] * 4  # resumed from step 4
+    assert sup([5, 6, 7, 1, 2, 3]) == [True, True, True, False, False, False]  # restarted from scratch
+    assert sup([1, 2, 2, 3]) == [False, True, False, False]  # a duplicate: the last one written wins
+    assert sup([1, 2, 3, 4, 0]) == [False] * 5  # a lone backward row is not a resume
+    assert sup([1, 2, 3, 0, 4, 5]) == [False] * 6  # nor a glitch the series carries on past
+
+
+def test_superseded_is_per_series():
+    f = make_frame(run="r", source="s", metric=["a", "b", "a", "b"], step=[1, 1, 2, 1], value=[0, 0, 0, 0])
+    assert f["superseded"].tolist() == [False, True, False, False]
+
+
+def test_columns_and_dtypes():
+    f = make_frame(run="r", source="s", metric=["train/loss"], step=[1], value=[np.nan])
+    assert list(f.columns) == COLUMNS
+    assert f["step"].dtype == np.int64 and f["value"].dtype == np.float64
+    assert np.isnan(f["value"].iloc[0]) and np.isnan(f["wall_time"].iloc[0])
+
+
+def test_merge_prefers_the_densest_source_then_the_fixed_order():
+    dense = make_frame(run="r", source="trainer_state", metric="train/loss", step=np.arange(1, 11), value=np.ones(10))
+    sparse = make_frame(run="r", source="tensorboard", metric="train/loss", step=[2, 4, 11], value=[9.0, 9.0, 9.0])
+    merged = merge_sources(concat_frames([dense, sparse]))
+    s = merged[merged["metric"] == "train/loss"]
+    assert not s["step"].duplicated().any()
+    assert set(s.loc[s["step"] <= 10, "source"]) == {"trainer_state"}  # densest wins where both have a step
+    assert s.loc[s["step"] == 11, "source"].tolist() == ["tensorboard"]  # a step only the other has is kept
+    # equal density: TensorBoard (wall times, every step) before trainer_state, whatever the row order
+    tb = make_frame(run="r", source="tensorboard", metric="train/loss", step=np.arange(1, 11), value=np.full(10, 2.0))
+    for frames in ([dense, tb], [tb, dense]):
+        m = merge_sources(concat_frames(frames))
+        assert set(m["source"]) == {"tensorboard"} and len(m) == 10
+
+
+def test_concat_keeps_categories_of_both():
+    a = make_frame(run="a", source="s", metric="x", step=[1], value=[1.0])
+    b = make_frame(run="b", source="t", metric="y", step=[1], value=[2.0])
+    c = concat_frames([a, b])
+    assert c["run"].tolist() == ["a", "b"] and c["metric"].tolist() == ["x", "y"]
+    assert isinstance(c["metric"].dtype, pd.CategoricalDtype)
+
+
+def test_user_frame_needs_only_step_metric_value():
+    user = pd.DataFrame({"step": [1, 2, 3], "metric": ["loss"] * 3, "value": [3.0, 2.0, 1.0]})
+    f = validate_frame(user)
+    assert list(f.columns) == COLUMNS and series(f, "loss").tolist() == [3.0, 2.0, 1.0]
+    with pytest.raises(FrameError):
+        validate_frame(pd.DataFrame({"step": [1]}))
+    with pytest.raises(FrameError):
+        validate_frame(pd.DataFrame({"step": ["x"], "metric": ["a"], "value": [1.0]}))
+    assert autopsy.analyze(user).runs[0].run == "run"
+
+
+@pytest.mark.parametrize("raw,hf,expected", [
+    ("loss", True, "train/loss"), ("eval_loss", True, "eval/loss"), ("eval_squad_loss", True, "eval/squad/loss"),
+    ("rewards/chosen", True, "train/rewards/chosen"), ("train/grad_norm", False, "train/grad_norm"),
+    ("val_loss", False, "eval/loss"), ("lr", False, "train/learning_rate"), ("eval/wiki_loss", False, "eval/wiki/loss"),
+    ("my/custom", False, "my/custom"),
+])
+def test_canonical_metric(raw, hf, expected):
+    assert canonical_metric(raw, hf_flat=hf) == expected
