@@ -116,6 +116,137 @@ def test_crc_matches_google_crc32c() -> None:
     assert got.tolist() == want
 
 
+def test_crc_word_tables_match_google_crc32c(monkeypatch: pytest.MonkeyPatch) -> None:
+    import google_crc32c
+
+    import autopsy._optional
+
+    rng = np.random.default_rng(1)
+    buf = rng.integers(0, 256, 200_000, dtype=np.uint8)
+    # large groups of one length (the numpy word tables), odd and even, and a few long ranges (C or byte tables)
+    lengths = np.concatenate([np.full(300, 41), np.full(300, 42), np.full(200, 0), np.full(150, 255),
+                              rng.integers(256, 3000, 20)]).astype(np.int64)
+    starts = rng.integers(0, len(buf) - 3000, len(lengths)).astype(np.int64)
+    starts[:5] = 0  # an odd length at offset 0 cannot read the byte before it
+    want = [google_crc32c.value(buf[s:s + n].tobytes()) for s, n in zip(starts, lengths)]
+    assert crc32c_many(buf, starts, lengths, buf=buf.tobytes()).tolist() == want
+    monkeypatch.setattr(autopsy._optional, "available", lambda name: name != "google_crc32c")
+    assert crc32c_many(buf, starts, lengths).tolist() == want
+
+
+def _record(data: bytes) -> bytes:
+    import struct
+
+    import google_crc32c
+
+    def masked(c: int) -> int:
+        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    head = struct.pack("<Q", len(data))
+    return (head + struct.pack("<I", masked(google_crc32c.value(head))) + data
+            + struct.pack("<I", masked(google_crc32c.value(data))))
+
+
+def _reference_scan(buf: bytes) -> tuple[list[int], list[int], int, list[str]]:
+    """TFRecord framing one record at a time, as tensorboard reads it: (data starts, lengths, framed, problems)."""
+    import struct
+
+    import google_crc32c
+
+    def masked(c: int) -> int:
+        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    pos, starts, lengths, problems, bad_data = 0, [], [], [], []
+    framed = 0
+    while pos < len(buf):
+        if pos + 12 > len(buf):
+            problems.append("truncated record header")
+            break
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if masked(google_crc32c.value(buf[pos:pos + 8])) != struct.unpack_from("<I", buf, pos + 8)[0]:
+            problems.append("length CRC mismatch")
+            break
+        if pos + 16 + n > len(buf):
+            problems.append("truncated last record")
+            break
+        framed += 1
+        data = buf[pos + 12:pos + 12 + n]
+        if masked(google_crc32c.value(data)) == struct.unpack_from("<I", buf, pos + 12 + n)[0]:
+            starts.append(pos + 12)
+            lengths.append(n)
+        else:
+            bad_data.append(pos)
+        pos += 16 + n
+    if bad_data:
+        problems.insert(0, "data CRC mismatch")
+    return starts, lengths, framed, problems
+
+
+@pytest.mark.parametrize("damage", ["intact", "cut", "flip_data", "flip_length", "trailing_zeros", "trailing_junk"])
+def test_vectorised_framing_matches_sequential_reference(damage: str) -> None:
+    """Files past the vectorised-framing threshold: zero-length records, lengths whose length CRC starts
+    with a zero byte (65, 97: missed by the candidate search), and record data holding header-shaped
+    bytes and whole embedded records (stray candidates), intact and damaged."""
+    rng = np.random.default_rng(["intact", "cut", "flip_data", "flip_length", "trailing_zeros", "trailing_junk"].index(damage))
+    parts, size = [], 0
+    while size < 300_000:
+        r = rng.random()
+        n = 0 if r < 0.05 else int(rng.choice([65, 97])) if r < 0.15 else int(rng.integers(1, 300))
+        data = bytearray(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        if n > 60 and rng.random() < 0.3:
+            inner = _record(b"xy") + _record(bytes(3))  # a chained pair of real records inside the data
+            k = int(rng.integers(0, n - len(inner)))
+            data[k:k + len(inner)] = inner
+        parts.append(_record(bytes(data)))
+        size += len(parts[-1])
+    buf = bytearray(b"".join(parts))
+    if damage == "cut":
+        buf = buf[:-5]
+    elif damage in ("flip_data", "flip_length"):
+        rec = scan(bytes(buf))
+        k = len(rec.data_start) // 2
+        while rec.length[k] == 0:
+            k += 1
+        buf[int(rec.data_start[k]) + (0 if damage == "flip_data" else -12)] ^= 0x20
+    elif damage == "trailing_zeros":
+        buf += bytes(1000)
+    elif damage == "trailing_junk":
+        buf += bytes(range(256)) * 4
+    buf = bytes(buf)
+    got = scan(buf)
+    starts, lengths, framed, problems = _reference_scan(buf)
+    assert got.data_start.tolist() == starts and got.length.tolist() == lengths
+    assert got.framed == framed
+    assert [p.problem.split(":")[0].split(" in ")[0] for p in got.problems] == problems
+
+
+def test_fast_decode_edge_shapes_match_tbparse(tmp_path: Path) -> None:
+    """One-character and long tags (past the word matrix; past a one-byte length: protobuf), negative
+    and huge steps, in a file large enough for the vectorised framing."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(log_dir=str(tmp_path))
+    for step in range(3000):
+        w.add_scalar("a", step * 0.5, step)
+        w.add_scalar("train/" + "x" * 70, float(step), step)
+        w.add_scalar("eval/" + "y" * 130, -float(step), step)
+    w.add_scalar("neg", 1.0, -5)
+    w.add_scalar("huge", 2.0, 2**60)
+    w.close()
+    path = next(tmp_path.glob("events.out.tfevents.*"))
+    assert path.stat().st_size > 1 << 16
+    import tbparse
+
+    fast = read_tensorboard([path], run="r", engine="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = tbparse.SummaryReader(str(path), pivot=False, extra_columns={"wall_time"}).scalars
+    _same(fast, oracle.rename(columns={"tag": "raw_metric"}))
+    assert fast.loc[fast["raw_metric"] == "neg", "step"].tolist() == [-5]
+    assert fast.loc[fast["raw_metric"] == "huge", "step"].tolist() == [2**60]
+    assert list(fast["raw_metric"].cat.categories)[:3] == ["a", "train/" + "x" * 70, "eval/" + "y" * 130]
+
+
 # --- resumed runs ----------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import pandas as pd
 from autopsy._optional import require
 from autopsy.errors import UsageError
 from autopsy.frame import Damage, RunInfo, canonical_metric, make_frame
+from autopsy.importers._tfrecord import gather
 
 __all__ = ["ENGINES", "read_event_file", "read_tensorboard"]
 
@@ -55,7 +57,8 @@ class EventFile:
     """What one event file holds: scalar rows in write order, texts, hparams, damage, notes."""
 
     path: Path
-    tag: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+    tag_code: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # index into tag_names
+    tag_names: list[str] = field(default_factory=list)  # distinct
     step: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     value: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     wall_time: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
@@ -64,6 +67,18 @@ class EventFile:
     records: int = 0
     skipped: Counter = field(default_factory=Counter)  # value kinds not read (histograms, images, ...)
     damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def tag(self) -> np.ndarray:
+        """The tag of each row (object array of str)."""
+        names = np.array(list(self.tag_names) + [""], dtype=object)[:-1]
+        return names[self.tag_code] if len(self.tag_code) else np.empty(0, dtype=object)
+
+    def set_tags(self, tags: Any) -> None:
+        """Set the rows' tags from a sequence of str."""
+        codes, uniq = pd.factorize(np.asarray(tags, dtype=object)) if len(tags) else (np.empty(0, np.int64), [])
+        self.tag_code = np.asarray(codes, dtype=np.int64)
+        self.tag_names = [str(u) for u in uniq]
 
 
 # --- the fast engine ------------------------------------------------------------------------------
@@ -91,13 +106,33 @@ def _varint(b: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return value.view(np.int64), size
 
 
+_U64 = np.uint64
+_HIGH_BITS = _U64(0x8080808080808080)
+
+
+def _varint_words(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the protobuf varint at the start of each little-endian uint64 ``word`` (bit tricks, no
+    loop). Returns (value as int64, byte length); the length is 0 where the varint is longer than 8
+    bytes (value then meaningless)."""
+    stop = ~word & _HIGH_BITS  # the high bit of each byte that ends a varint
+    last = stop & (~stop + _U64(1))  # the first one
+    keep = (last << _U64(1)) - _U64(1)  # the varint's bytes (all ones for an 8-byte varint)
+    size = np.bitwise_count(keep & _HIGH_BITS).astype(np.int64)
+    size[last == 0] = 0
+    x = word & keep & _U64(0x7F7F7F7F7F7F7F7F)
+    x = (x & _U64(0x007F007F007F007F)) | ((x & _U64(0x7F007F007F007F00)) >> _U64(1))
+    x = (x & _U64(0x00003FFF00003FFF)) | ((x & _U64(0x3FFF00003FFF0000)) >> _U64(2))
+    x = (x & _U64(0x000000000FFFFFFF)) | ((x & _U64(0x0FFFFFFF00000000)) >> _U64(4))
+    return x.view(np.int64), size
+
+
 def _view(b: np.ndarray, dtype: str) -> np.ndarray:
     """``b`` read as ``dtype`` at every byte offset (an unaligned strided view: index it with offsets)."""
     dt = np.dtype(dtype)
     return np.ndarray(shape=(len(b) - dt.itemsize + 1,), dtype=dt, buffer=b, strides=(1,))
 
 
-def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+def _tag_codes_long(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
     """Factorize the tag byte strings ``b[start:start+length]`` without making a Python object per row.
 
     Each tag is read as 8-byte words (bytes past its end masked off) and hashed; every row is then
@@ -105,7 +140,9 @@ def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np
     """
     n = len(start)
     words = (int(length.max()) + 7) // 8 if n else 0
-    u64 = _view(b, "<u8")
+    def u64(pos: np.ndarray) -> np.ndarray:  # the 8 bytes at each of pos, zero past the end of b
+        return gather(b, pos, 8).view("<u8").reshape(-1)
+
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
 
     masks = []
@@ -114,7 +151,7 @@ def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np
         masks.append(np.where(keep == 8, ones, (np.uint64(1) << (keep * np.uint64(8))) - np.uint64(1)))
     key = length.astype(np.uint64) * np.uint64(0x100000001B3)
     for w in range(words):
-        key = key ^ ((u64[start + 8 * w] & masks[w]) * _HASH_WEIGHTS[w % len(_HASH_WEIGHTS)] + np.uint64(w))
+        key = key ^ ((u64(start + 8 * w) & masks[w]) * _HASH_WEIGHTS[w % len(_HASH_WEIGHTS)] + np.uint64(w))
         key = (key << np.uint64(13)) | (key >> np.uint64(51))
     codes, uniques = pd.factorize(key)
     codes = np.asarray(codes, dtype=np.int64)
@@ -124,7 +161,7 @@ def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np
     rep_start, rep_len = start[first][codes], length[first][codes]
     same = rep_len == length
     for w in range(words):
-        same &= ((u64[start + 8 * w] ^ u64[rep_start + 8 * w]) & masks[w]) == 0
+        same &= ((u64(start + 8 * w) ^ u64(rep_start + 8 * w)) & masks[w]) == 0
     if not same.all():  # pragma: no cover - a 64-bit hash collision; exact fallback
         raw = [b[s:s + k].tobytes() for s, k in zip(start.tolist(), length.tolist())]
         codes, uniq = pd.factorize(pd.Series(raw, dtype=object))
@@ -132,44 +169,128 @@ def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np
     return codes, names
 
 
-def _decode_fast(buf: bytes, data_start: np.ndarray, length: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+_TAG_WORDS = 8  # tags up to 64 bytes: one (rows, words) matrix; longer ones word by word
+
+
+@lru_cache(maxsize=_TAG_WORDS)
+def _tail_masks(k: int) -> np.ndarray:
+    """``[length]``: the (k,) uint64 words that keep the last ``length`` bytes of a ``8 k``-byte row."""
+    width = 8 * k
+    keep = (np.arange(width)[None, :] >= width - np.arange(256)[:, None]).astype(np.uint8) * np.uint8(0xFF)
+    return np.ascontiguousarray(keep).view("<u8")
+
+
+def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray,
+               words: np.ndarray | None = None) -> tuple[np.ndarray, list[bytes]]:
+    """Factorize the tag byte strings ``b[start:start+length]`` (no Python object per row).
+
+    ``words``: the tags right-aligned in (rows, k) 8-byte words, zero before each tag (else they are
+    gathered here). The words are hashed and factorized on the hash; every row is then compared with
+    the first row of its code, so a hash collision cannot merge two tags.
+    """
+    n = len(start)
+    if not n:
+        return np.empty(0, np.int64), []
+    if words is None:
+        k = (int(length.max()) + 7) // 8
+        if k > _TAG_WORDS or k == 0:
+            return _tag_codes_long(b, start, length)
+        pos = start + length - 8 * k
+        if int(pos.min()) < 0:
+            return _tag_codes_long(b, start, length)
+        words = gather(b, pos, 8 * k).view("<u8") & _tail_masks(k)[length]
+    k = words.shape[1]
+    key = length.astype(np.uint64) * np.uint64(0x100000001B3)
+    for w in range(k):
+        key ^= words[:, w] * _HASH_WEIGHTS[w]
+    codes, _ = pd.factorize(key)
+    codes = np.asarray(codes, dtype=np.int64)
+    first = np.empty(int(codes.max()) + 1, dtype=np.int64)
+    first[codes[::-1]] = np.arange(n)[::-1]  # first row of each code
+    if not ((words == words[first][codes]).all() and (length == length[first][codes]).all()):
+        return _tag_codes_long(b, start, length)  # pragma: no cover - a 64-bit hash collision
+    names = [b[s:s + m].tobytes() for s, m in zip(start[first].tolist(), length[first].tolist())]
+    return codes, names
+
+
+_SCALAR_MIN = 21  # 09 wall_time(8) | 2A len 0A len 0A len tag(>=1) | 15 simple_value(4)
+_MID = np.uint64(0x0A_00_0A_00_2A)  # 2A l1 0A l2 0A lt, lengths zero
+_SIX_BYTES = np.uint64(0xFFFF_FFFF_FFFF)
+
+
+_DECODE_ROWS = 1 << 15  # records per chunk: the decode's temporaries stay in the CPU cache
+
+
+def _decode_chunk(b: np.ndarray, d: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`_decode_fast` on some records. Returns, for the ones of the scalar shape: (their index,
+    step, value, wall time, tag start, tag length, tags right-aligned in k zero-filled words or None)."""
+    n = len(b)
+    e = d + length
+    m = len(d)
+    head = gather(b, d, 18)  # 09 wall(8) 10 step-varint(8): reads past a record land in the next, then fail
+    ok = (length >= _SCALAR_MIN) & (head[:, 0] == 0x09)
+    wall = np.ndarray(shape=(m,), dtype="<f8", buffer=head, offset=1, strides=(18,))  # read at `rows` below
+    has_step = head[:, 9] == 0x10
+    step, vlen = _varint_words(np.ndarray(shape=(m,), dtype="<u8", buffer=head, offset=10, strides=(18,)))
+    step[~has_step] = 0
+    long = has_step & (vlen == 0)
+    if long.any():  # 9- and 10-byte varints (negative steps)
+        idx = np.flatnonzero(long)
+        lo = int(d[idx].min())
+        pad = np.concatenate([b[lo:], np.zeros(32, dtype=np.uint8)])
+        step[idx], vlen[idx] = _varint(pad, d[idx] + 10 - lo)
+    p = d + 9 + np.where(has_step, 1 + vlen, 0)
+    lt = e - 11 - p  # what the tag length must be
+    ok &= (lt >= 0) & (lt + 9 < 0x80)
+    lt[~ok] = 0
+    ltu = lt.astype(np.uint64)
+    mid = _MID | ((ltu + np.uint64(9)) << np.uint64(8)) | ((ltu + np.uint64(7)) << np.uint64(24)) | (ltu << np.uint64(40))
+    ok &= (_view(b, "<u8")[np.minimum(p, n - 8)] & _SIX_BYTES) == mid
+    rows = np.flatnonzero(ok)
+    lt, e = lt[rows], e[rows]
+    k = (int(lt.max()) + 7) // 8 if len(rows) else 0
+    words = None
+    if 0 < k <= _TAG_WORDS:  # the tags right-aligned in k words, then 15 value(4)
+        at = e - 5 - 8 * k
+        mat = gather(b, np.maximum(at, 0), 8 * k + 5)
+        good = (mat[:, 8 * k] == 0x15) & (at >= 0)  # (a scalar event in the first bytes: never, after file_version)
+        value = np.ndarray(shape=(len(rows),), dtype="<f4", buffer=mat, offset=8 * k + 1, strides=(8 * k + 5,))
+        words = mat[:, :8 * k].view("<u8") & _tail_masks(k)[lt]
+        if not good.all():
+            rows, lt, e, value, words = rows[good], lt[good], e[good], value[good], words[good]
+    else:
+        good = b[np.maximum(e - 5, 0)] == 0x15
+        rows, lt, e = rows[good], lt[good], e[good]
+        value = _view(b, "<f4")[e - 4]
+    return rows, step[rows], value.astype(np.float64), wall[rows], e - 5 - lt, lt, words
+
+
+def _decode_fast(buf: bytes, data_start: np.ndarray, length: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """Vectorised decode of events of the shape ``{wall_time, step, summary{value{tag, simple_value}}}``.
 
-    Returns (columns of the decoded rows incl. their record index, indices of the other records).
+    The bytes: ``09 wall(8) [10 step-varint] 2A l1 0A l2 0A lt tag(lt) 15 value(4)`` with
+    ``l2 = lt + 7``, ``l1 = lt + 9 < 0x80`` and the record ending right after the value. Returns
+    (columns of the decoded rows: their record index, tag codes and names, step, value, wall time;
+    indices of the other records).
     """
-    pad = np.zeros(1024, dtype=np.uint8)  # reads past a record's end land in padding, then fail the checks
-    b = np.concatenate([np.frombuffer(buf, dtype=np.uint8), pad])
-    d, e = data_start, data_start + length
-    ok = b[d] == 0x09
-    wall = _view(b, "<f8")[d + 1]
-    p = d + 9
-    has_step = b[p] == 0x10
-    step = np.zeros(len(d), dtype=np.int64)
-    if has_step.any():
-        idx = np.flatnonzero(has_step)
-        val, vlen = _varint(b, p[idx] + 1)
-        step[idx] = val
-        p = p.copy()
-        p[idx] += 1 + vlen
-    ok &= b[p] == 0x2A  # summary, field 5
-    l1 = b[p + 1].astype(np.int64)
-    p = p + 2
-    ok &= (l1 < 0x80) & (p + l1 == e)
-    ok &= b[p] == 0x0A  # one Summary.Value, field 1
-    l2 = b[p + 1].astype(np.int64)
-    p = p + 2
-    ok &= (l2 < 0x80) & (p + l2 == e)
-    ok &= b[p] == 0x0A  # Value.tag, field 1
-    lt = b[p + 1].astype(np.int64)
-    ts = p + 2
-    p = ts + lt
-    ok &= (lt < 0x80) & (b[p] == 0x15) & (p + 5 == e)  # Value.simple_value, field 2, fixed32
-    value = _view(b, "<f4")[p + 1].astype(np.float64)
-    rows = np.flatnonzero(ok)
-    codes, names = _tag_codes(b, ts[rows], lt[rows]) if len(rows) else (np.empty(0, np.int64), [])
-    tags = np.array([n.decode("utf-8", errors="replace") for n in names] + [""], dtype=object)[:-1]
-    cols = {"record": rows, "tag": tags[codes] if len(rows) else np.empty(0, dtype=object),
-            "step": step[rows], "value": value[rows], "wall_time": wall[rows]}
+    b = np.frombuffer(buf, dtype=np.uint8)
+    parts = [_decode_chunk(b, data_start[i:i + _DECODE_ROWS], length[i:i + _DECODE_ROWS])
+             for i in range(0, len(data_start), _DECODE_ROWS)]
+    if not parts:
+        parts = [_decode_chunk(b, data_start, length)]
+    for i, part in zip(range(0, len(data_start), _DECODE_ROWS), parts):
+        part[0][:] += i
+    rows, step, value, wall, start, lt = (np.concatenate([q[c] for q in parts]) for c in range(6))
+    if all(q[6] is not None or not len(q[0]) for q in parts) and any(q[6] is not None for q in parts):
+        k = max(q[6].shape[1] for q in parts if q[6] is not None)
+        words = np.concatenate([np.pad(q[6], ((0, 0), (k - q[6].shape[1], 0))) for q in parts if q[6] is not None])
+        codes, names = _tag_codes(b, start, lt, words)
+    else:
+        codes, names = _tag_codes(b, start, lt)
+    ok = np.zeros(len(data_start), dtype=bool)
+    ok[rows] = True
+    cols = {"record": rows, "code": codes, "names": [t.decode("utf-8", errors="replace") for t in names],
+            "step": step, "value": value, "wall_time": wall}
     return cols, np.flatnonzero(~ok)
 
 
@@ -293,15 +414,26 @@ def _read_fast(path: Path, buf: bytes) -> EventFile:
         return ef
     fast, rest = _decode_fast(buf, rec.data_start, rec.length)
     slow = _decode_protobuf(ef, buf, rec.data_start, rec.length, rest) if len(rest) else None
+    names = fast["names"]
+    code = fast["code"]
+    if len(set(names)) < len(names):  # two byte strings decoded to one str (invalid UTF-8 replaced)
+        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
+        names, code = [str(u) for u in uniq], remap.reshape(-1)[code]
     if slow and slow["record"]:
+        index = {name: i for i, name in enumerate(names)}
+        names = list(names)
+        slow_code = np.fromiter((index.setdefault(t, len(index)) for t in slow["tag"]), dtype=np.int64,
+                                count=len(slow["tag"]))
+        names.extend(list(index)[len(names):])
         record = np.concatenate([fast["record"], np.asarray(slow["record"], dtype=np.int64)])
         order = np.argsort(record, kind="stable")  # write order; values of one event stay in order
-        ef.tag = np.concatenate([fast["tag"], np.asarray(slow["tag"], dtype=object)])[order]
+        ef.tag_code = np.concatenate([code, slow_code])[order]
         ef.step = np.concatenate([fast["step"], np.asarray(slow["step"], dtype=np.int64)])[order]
         ef.value = np.concatenate([fast["value"], np.asarray(slow["value"], dtype=np.float64)])[order]
         ef.wall_time = np.concatenate([fast["wall_time"], np.asarray(slow["wall_time"], dtype=np.float64)])[order]
     else:
-        ef.tag, ef.step, ef.value, ef.wall_time = fast["tag"], fast["step"], fast["value"], fast["wall_time"]
+        ef.tag_code, ef.step, ef.value, ef.wall_time = code, fast["step"], fast["value"], fast["wall_time"]
+    ef.tag_names = list(names)
     return ef
 
 
@@ -337,7 +469,7 @@ def _read_tbparse(path: Path, buf: bytes) -> EventFile:
         parts.append(t)
     if parts:
         df = pd.concat(parts, ignore_index=True).sort_values(["wall_time"], kind="stable")
-        ef.tag = df["tag"].astype(str).to_numpy(dtype=object)
+        ef.set_tags(df["tag"].astype(str).to_numpy(dtype=object))
         ef.step = df["step"].to_numpy(dtype=np.int64)
         ef.value = df["value"].to_numpy(dtype=np.float64)
         ef.wall_time = df["wall_time"].to_numpy(dtype=np.float64)
@@ -409,40 +541,69 @@ def _apply_texts(info: RunInfo, ef: EventFile) -> bool:
     return found
 
 
+def _first_seen(codes: np.ndarray, k: int) -> np.ndarray:
+    """Relabel ``codes`` (``0..k-1``) in order of first appearance, dropping labels never used.
+    Returns the new code of each old label (-1: unused)."""
+    first = np.full(k, len(codes), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes), dtype=np.int64)[::-1]
+    used = np.flatnonzero(first < len(codes))
+    new = np.full(k, -1, dtype=np.int64)
+    new[used[np.argsort(first[used], kind="stable")]] = np.arange(len(used), dtype=np.int64)
+    return new
+
+
+def _text_index(names: list[str]) -> pd.Index:
+    return pd.Index(np.asarray(names + [""], dtype=object)[:-1].astype(str))
+
+
 def read_tensorboard(paths: list[Path], *, run: str, engine: str = "auto") -> pd.DataFrame:
     """Read the event files of one run into a canonical frame (``source="tensorboard"``)."""
     info = RunInfo(name=run, sources=[SOURCE])
-    tags, steps, values, walls = [], [], [], []
+    codes, steps, values, walls = [], [], [], []
+    names: dict[str, int] = {}  # every tag of the run -> its code
     hf_args = False
     for path in sorted((Path(p) for p in paths), key=_write_order):
         ef = read_event_file(path, engine=engine)
         info.files.append(str(path))
         info.damage.extend(ef.damage)
-        if not ef.damage and ef.records <= 1 and not len(ef.tag):
+        if not ef.damage and ef.records <= 1 and not len(ef.tag_code):
             info.notes.append(f"{path}: header only: the writer was opened but logged nothing")
-        elif not len(ef.tag) and not ef.damage and (ef.texts or ef.hparams):
+        elif not len(ef.tag_code) and not ef.damage and (ef.texts or ef.hparams):
             info.notes.append(f"{path}: no scalars (only {', '.join(sorted(ef.texts) or ['hparams'])})")
         if ef.skipped:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(ef.skipped.items()))
             info.notes.append(f"{path}: values not read as scalars: {kinds}")
         hf_args |= _apply_texts(info, ef)
-        tags.append(ef.tag)
+        remap = np.array([names.setdefault(t, len(names)) for t in ef.tag_names] + [0], dtype=np.int64)[:-1]
+        codes.append(remap[ef.tag_code] if len(ef.tag_code) else np.empty(0, dtype=np.int64))
         steps.append(ef.step)
         values.append(ef.value)
         walls.append(ef.wall_time)
-    tag = np.concatenate(tags) if tags else np.empty(0, dtype=object)
+    code = np.concatenate(codes) if codes else np.empty(0, dtype=np.int64)
     step = np.concatenate(steps) if steps else np.empty(0, dtype=np.int64)
     value = np.concatenate(values) if values else np.empty(0, dtype=np.float64)
     wall = np.concatenate(walls) if walls else np.empty(0, dtype=np.float64)
-    summary = np.isin(tag, list(_SUMMARY_TAGS))
-    if summary.any():
-        for t, v in zip(tag[summary].tolist(), value[summary].tolist()):
-            info.summary[_SUMMARY_TAGS[t]] = v  # the last one written wins
-        tag, step, value, wall = tag[~summary], step[~summary], value[~summary], wall[~summary]
-    codes, uniq = pd.factorize(tag) if len(tag) else (np.empty(0, np.int64), [])
-    names = np.array([canonical_metric(str(u)) for u in uniq] + [""], dtype=object)[:-1]
-    frame = make_frame(run=run, source=SOURCE, metric=names[codes] if len(tag) else [], step=step, value=value,
-                       wall_time=wall, raw_metric=tag)
+    tags = list(names)
+    is_summary = np.array([t in _SUMMARY_TAGS for t in tags] + [False], dtype=bool)[:-1]
+    if len(code) and is_summary.any():
+        summary = is_summary[code]
+        if summary.any():
+            for c, v in zip(code[summary].tolist(), value[summary].tolist()):
+                info.summary[_SUMMARY_TAGS[tags[c]]] = v  # the last one written wins
+            keep = ~summary
+            code, step, value, wall = code[keep], step[keep], value[keep], wall[keep]
+    if len(code):
+        new = _first_seen(code, len(tags))  # categories in order of first appearance, none unused
+        raw_names = [t for t, c in sorted(((t, int(c)) for t, c in zip(tags, new) if c >= 0), key=lambda x: x[1])]
+        code = new[code]
+        metric_codes, metric_names = pd.factorize(np.array([canonical_metric(t) for t in raw_names] + [""],
+                                                           dtype=object)[:-1])
+        metric = pd.Categorical.from_codes(np.asarray(metric_codes, dtype=np.int64)[code],
+                                           categories=_text_index([str(m) for m in metric_names]))
+        raw = pd.Categorical.from_codes(code, categories=_text_index(raw_names))
+    else:
+        metric, raw = [], np.empty(0, dtype=object)
+    frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, wall_time=wall, raw_metric=raw)
     if len(frame):
         info.global_step = int(frame.loc[~frame["superseded"], "step"].max())
     if "train_runtime" in info.summary:
