@@ -14,15 +14,20 @@ Layout (checked against files written by wandb 0.10.32 to 0.31 and the writer of
 Damage is skipped, not fatal: a bad CRC, an impossible length or an unknown chunk type drops the
 rest of that block and reading resumes at the next one; a truncated tail ends the read. Every
 skip is reported with its byte offset.
+
+The file is streamed block by block (:class:`LogStream`): memory holds one block and the record
+being joined, so a file of gigabytes costs what its decoded records cost, not its size.
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
 
-__all__ = ["BLOCK_SIZE", "FILE_HEADER", "LogRead", "read_log"]
+__all__ = ["BLOCK_SIZE", "FILE_HEADER", "LogRead", "LogStream", "read_log"]
 
 BLOCK_SIZE = 32 * 1024
 CHUNK_HEADER = 7
@@ -54,91 +59,150 @@ def _crc_ok(crc: int, ctype: int, data: bytes) -> bool:
     return ((((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF) == crc
 
 
-def read_log(data: bytes) -> LogRead:
-    """Split a W&B record log into records. Raises ``ValueError`` when the file header is wrong."""
-    out = LogRead()
-    if len(data) < len(FILE_HEADER):
-        raise ValueError(f"{len(data)} bytes: shorter than the 7-byte W&B header")
-    if data[:4] != FILE_HEADER[:4]:
-        raise ValueError(f"not a W&B record log (starts with {data[:4]!r}, expected b':W&B')")
-    magic, version = struct.unpack_from("<HB", data, 4)
-    if magic != 0xBEE1:
-        raise ValueError(f"W&B header has magic 0x{magic:04X}, expected 0xBEE1")
-    out.version = version
-    n = len(data)
-    pos = len(FILE_HEADER)
-    pending: list[bytes] | None = None  # fragments of a record split over chunks
-    pending_at = 0
+class LogStream:
+    """Streaming reader of one record log: iterate it for the records, one at a time; the counts
+    and problems are complete once the iteration ends. Memory holds one 32 KiB block and the
+    record being joined, never the file.
 
-    def drop_pending(reason: str) -> None:
-        nonlocal pending
-        if pending is not None:
-            out.problems.append((pending_at, f"a record split over blocks lost its end ({reason})"))
-            pending = None
+    ``source`` is a binary file object (read from its current position, which must be the start of
+    the log) or a bytes-like object; at most ``limit`` bytes are read. Raises ``ValueError`` at once
+    when the file header is wrong.
+    """
 
-    while pos < n:
-        block_end = (pos // BLOCK_SIZE + 1) * BLOCK_SIZE
-        if block_end - pos < CHUNK_HEADER:
-            pos = block_end  # block trailer: zero padding
-            continue
-        if pos + CHUNK_HEADER > n:
-            if data[pos:].strip(b"\x00"):
-                out.problems.append((pos, f"truncated chunk header ({n - pos} bytes at the end of the file)"))
-                out.skipped_bytes += n - pos
-            else:
-                out.padded_tail += n - pos
-            break
-        crc, length, ctype = _CHUNK.unpack_from(data, pos)
-        if ctype == 0 and length == 0 and crc == 0:
-            # the rest of this block is padding; if everything after is zero, the file ends here
-            rest = data[pos:block_end]
-            if rest.strip(b"\x00"):
-                out.problems.append((pos, "non-zero bytes in a block's padding"))
-                out.skipped_bytes += len(rest)
-                drop_pending("damaged block")
-            elif not data[block_end:].strip(b"\x00"):
-                out.padded_tail += n - pos
+    def __init__(self, source: BinaryIO | bytes | bytearray | memoryview, *, limit: int | None = None) -> None:
+        self._fh: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        self._left = limit
+        self.problems: list[tuple[int, str]] = []
+        self.skipped_bytes = 0
+        self.padded_tail = 0
+        self.n_records = 0
+        self.bytes_read = 0
+        first = self._block()
+        if len(first) < len(FILE_HEADER):
+            raise ValueError(f"{len(first)} bytes: shorter than the 7-byte W&B header")
+        if first[:4] != FILE_HEADER[:4]:
+            raise ValueError(f"not a W&B record log (starts with {first[:4]!r}, expected b':W&B')")
+        magic, version = struct.unpack_from("<HB", first, 4)
+        if magic != 0xBEE1:
+            raise ValueError(f"W&B header has magic 0x{magic:04X}, expected 0xBEE1")
+        self.version: int | None = version
+        self._first: bytes | None = first
+
+    def _block(self) -> bytes:
+        """The next 32 KiB block (shorter only at the end of the file or of ``limit``)."""
+        want = BLOCK_SIZE if self._left is None else min(BLOCK_SIZE, self._left)
+        parts = []
+        got = 0
+        while got < want:
+            piece = self._fh.read(want - got)
+            if not piece:
                 break
-            pos = block_end
-            continue
-        end = pos + CHUNK_HEADER + length
-        if ctype not in (FULL, FIRST, MIDDLE, LAST) or end > block_end:
-            problem = f"unknown chunk type {ctype}" if ctype not in (FULL, FIRST, MIDDLE, LAST) else \
-                f"chunk length {length} runs past its block"
-            if end > n and ctype in (FULL, FIRST, MIDDLE, LAST) and n < block_end:
-                problem = f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"
-            out.problems.append((pos, problem))
-            out.skipped_bytes += min(block_end, n) - pos
-            drop_pending("damaged block")
-            pos = block_end
-            continue
-        if end > n:
-            out.problems.append((pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"))
-            out.skipped_bytes += n - pos
-            drop_pending("truncated file")
-            break
-        chunk = data[pos + CHUNK_HEADER:end]
-        if not _crc_ok(crc, ctype, chunk):
-            out.problems.append((pos, "CRC mismatch"))
-            out.skipped_bytes += min(block_end, n) - pos
-            drop_pending("CRC mismatch")
-            pos = block_end
-            continue
-        if ctype == FULL:
-            drop_pending("a new record began")
-            out.records.append(chunk)
-        elif ctype == FIRST:
-            drop_pending("a new record began")
-            pending, pending_at = [chunk], pos
-        elif pending is None:
-            # the continuation of a record whose start was in a skipped block: nothing to join it to
-            out.skipped_bytes += len(chunk)
-        elif ctype == MIDDLE:
-            pending.append(chunk)
-        else:  # LAST
-            pending.append(chunk)
-            out.records.append(b"".join(pending))
-            pending = None
-        pos = end
-    drop_pending("end of file")
+            parts.append(piece)
+            got += len(piece)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._left is not None:
+            self._left -= len(data)
+        self.bytes_read += len(data)
+        return bytes(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._first is None:
+            raise RuntimeError("a LogStream is read once")
+        data, self._first = self._first, None
+        problems = self.problems
+        pending: list[bytes] | None = None  # fragments of a record split over chunks
+        pending_at = 0
+        zero_run = 0  # zero padding seen since the last record: the padded tail, if nothing follows it
+        start = 0  # file offset of this block
+        pos = len(FILE_HEADER)  # offset inside this block
+
+        def drop_pending(reason: str) -> None:
+            nonlocal pending
+            if pending is not None:
+                problems.append((pending_at, f"a record split over blocks lost its end ({reason})"))
+                pending = None
+
+        while data:
+            n = len(data)  # < BLOCK_SIZE only in the last block
+            stop = False
+            while pos < n:
+                if BLOCK_SIZE - pos < CHUNK_HEADER:
+                    break  # block trailer: zero padding
+                if pos + CHUNK_HEADER > n:  # the last block ends inside a chunk header
+                    if data[pos:].strip(b"\x00"):
+                        problems.append((start + pos, f"truncated chunk header ({n - pos} bytes at the end of the file)"))
+                        self.skipped_bytes += n - pos
+                        zero_run = 0
+                    else:
+                        zero_run += n - pos
+                    stop = True
+                    break
+                crc, length, ctype = _CHUNK.unpack_from(data, pos)
+                if ctype == 0 and length == 0 and crc == 0:
+                    # the rest of this block is padding; if everything after is zero, the file ends here
+                    if data[pos:].strip(b"\x00"):
+                        problems.append((start + pos, "non-zero bytes in a block's padding"))
+                        self.skipped_bytes += n - pos
+                        drop_pending("damaged block")
+                        zero_run = 0
+                    else:
+                        zero_run += n - pos
+                    break
+                zero_run = 0
+                end = pos + CHUNK_HEADER + length
+                if ctype not in (FULL, FIRST, MIDDLE, LAST) or end > BLOCK_SIZE:
+                    problem = f"unknown chunk type {ctype}" if ctype not in (FULL, FIRST, MIDDLE, LAST) else \
+                        f"chunk length {length} runs past its block"
+                    if end > n and ctype in (FULL, FIRST, MIDDLE, LAST) and n < BLOCK_SIZE:
+                        problem = f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"
+                    problems.append((start + pos, problem))
+                    self.skipped_bytes += n - pos
+                    drop_pending("damaged block")
+                    break
+                if end > n:
+                    problems.append((start + pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"))
+                    self.skipped_bytes += n - pos
+                    drop_pending("truncated file")
+                    stop = True
+                    break
+                chunk = data[pos + CHUNK_HEADER:end]
+                if not _crc_ok(crc, ctype, chunk):
+                    problems.append((start + pos, "CRC mismatch"))
+                    self.skipped_bytes += n - pos
+                    drop_pending("CRC mismatch")
+                    break
+                if ctype == FULL:
+                    drop_pending("a new record began")
+                    self.n_records += 1
+                    yield chunk
+                elif ctype == FIRST:
+                    drop_pending("a new record began")
+                    pending, pending_at = [chunk], start + pos
+                elif pending is None:
+                    # the continuation of a record whose start was in a skipped block: nothing to join it to
+                    self.skipped_bytes += len(chunk)
+                elif ctype == MIDDLE:
+                    pending.append(chunk)
+                else:  # LAST
+                    pending.append(chunk)
+                    record = b"".join(pending)
+                    pending = None
+                    self.n_records += 1
+                    yield record
+                pos = end
+            if stop or n < BLOCK_SIZE:
+                break
+            start += n
+            pos = 0
+            data = self._block()
+        self.padded_tail += zero_run
+        drop_pending("end of file")
+
+
+def read_log(data: bytes) -> LogRead:
+    """Split a W&B record log held in memory into records. Raises ``ValueError`` when the file header is wrong."""
+    stream = LogStream(data)
+    out = LogRead(version=stream.version)
+    out.records = list(stream)
+    out.problems, out.skipped_bytes, out.padded_tail = stream.problems, stream.skipped_bytes, stream.padded_tail
     return out

@@ -12,6 +12,7 @@ was printed), ``max_steps`` (a printed ``Total optimization steps``/``max_steps`
 from __future__ import annotations
 
 import bisect
+import codecs
 import os
 from pathlib import Path
 from typing import Any
@@ -48,20 +49,53 @@ def _metric_name(key: str, kind: str) -> str:
     return canonical_metric(key)
 
 
-def _decode(data: bytes, file: str) -> tuple[str, list[str]]:
-    """Text of a log with binary and non-UTF-8 bytes dropped; notes say what was dropped."""
-    notes: list[str] = []
-    head = data[: 1 << 16]
-    if head and head.count(b"\x00") / len(head) > 0.3:
-        notes.append(f"{file}: looks binary (NUL bytes), not a text log; its text fragments were read")
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd")
-    if bad:
-        notes.append(f"{file}: {bad} byte(s) that are not UTF-8 were skipped")
+_CHUNK = 1 << 20  # bytes decoded and cleaned at a time
+
+
+def _clean(text: str) -> str:
     if "\x1b" in text or "^[[" in text:
         text = ANSI.sub("", text)
-    text = text.translate(CONTROL)
-    return text, notes
+    return text.translate(CONTROL)
+
+
+def _read_text(fh: Any, file: str, limit: int = MAX_BYTES) -> tuple[str, list[str]]:
+    """Text of a log read in chunks, with binary and non-UTF-8 bytes dropped; notes say what was dropped.
+
+    Each chunk is decoded and cleaned (ANSI escapes, control characters) before the next is read, so
+    memory holds the cleaned text and one chunk, never the raw bytes beside their decoded copy: a
+    binary or NUL-filled file costs next to nothing."""
+    notes: list[str] = []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces: list[str] = []
+    carry = ""  # the end of a chunk that may hold the start of an ANSI escape cut by the chunk border
+    bad = 0
+    left = limit
+    head: bytearray | None = bytearray()
+    while True:
+        data = fh.read(min(_CHUNK, left)) if left > 0 else b""
+        left -= len(data)
+        if head is not None:  # the first 64 KiB say whether this is a text log at all
+            head += data[: (1 << 16) - len(head)]
+            if len(head) >= 1 << 16 or not data:
+                if head and head.count(b"\x00") / len(head) > 0.3:
+                    notes.append(f"{file}: looks binary (NUL bytes), not a text log; its text fragments were read")
+                head = None
+        text = carry + decoder.decode(data, final=not data)
+        carry = ""
+        if data:
+            cut = text.rfind("\n") + 1
+            if cut == 0:  # no line end in the chunk: keep back a possible escape's start
+                esc = max(text.rfind("\x1b"), text.rfind("^"))
+                cut = esc if esc >= 0 and len(text) - esc < 64 else len(text)
+            text, carry = text[:cut], text[cut:]
+        bad += text.count("\ufffd")
+        if text:
+            pieces.append(_clean(text))
+        if not data:
+            break
+    if bad:
+        notes.append(f"{file}: {bad} byte(s) that are not UTF-8 were skipped")
+    return "".join(pieces), notes
 
 
 def _resolve_steps(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
@@ -260,10 +294,9 @@ def read_console(paths: list[str | os.PathLike[str]], *, run: str) -> pd.DataFra
                     fh.seek(size - MAX_BYTES)
                     info.damage.append(Damage(file=str(path), offset=0, problem=f"log of {size} bytes is over the "
                                               f"{MAX_BYTES}-byte limit", salvaged="its last GiB"))
-                data = fh.read()
+                text, notes = _read_text(fh, str(path))
         except OSError as exc:
             raise UnreadableError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        text, notes = _decode(data, str(path))
         frame = parse_console_text(text, run=run, file=str(path))
         file_info = frame.attrs["runs"][run]
         file_info.notes[:0] = notes

@@ -22,6 +22,7 @@ evidence of a crash or a kill.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -190,30 +191,34 @@ def _cells_from_text(wide: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.nda
     return (long["row"].to_numpy(dtype=np.int64)[keep], long["key"].astype(str).to_numpy(dtype=object)[keep], values[keep])
 
 
-def _cells_from_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W&B's history Parquet -> numeric cells; Arrow's null (not logged) and NaN (logged) stay apart."""
+def _cells_from_parquet(path: Path, batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W&B's history Parquet -> numeric cells; Arrow's null (not logged) and NaN (logged) stay apart.
+    Read a batch of rows at a time, metric columns only: memory is the cells, not the table."""
     require("pyarrow", purpose="read W&B Parquet history")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
     rows_l, keys_l, vals_l = [], [], []
-    idx = np.arange(table.num_rows, dtype=np.int64)
-    for name in table.column_names:
-        col = table.column(name)
-        valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-            num = np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-            keep = valid
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            num, keep = _parse_values(np.asarray(col.to_pylist(), dtype=object))
-            keep &= valid
-        else:
-            continue  # media, tables, histograms
-        if keep.any():
-            rows_l.append(idx[keep])
-            keys_l.append(np.full(int(keep.sum()), name, dtype=object))
-            vals_l.append(num[keep])
+    with pq.ParquetFile(path) as pf:
+        schema = pf.schema_arrow
+        wanted = [f.name for f in schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
+                  or pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]  # not media, tables, histograms
+        offset = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+            idx = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+            offset += batch.num_rows
+            for name, col in zip(batch.schema.names, batch.columns):
+                valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+                if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+                    num = np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+                    keep = valid
+                else:
+                    num, keep = _parse_values(np.asarray(col.to_pylist(), dtype=object))
+                    keep &= valid
+                if keep.any():
+                    rows_l.append(idx[keep])
+                    keys_l.append(np.full(int(keep.sum()), name, dtype=object))
+                    vals_l.append(num[keep])
     if not rows_l:
         return np.empty(0, np.int64), np.empty(0, object), np.empty(0, np.float64)
     return np.concatenate(rows_l), np.concatenate(keys_l), np.concatenate(vals_l)
@@ -224,8 +229,6 @@ def _cells_from_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
     """One ``.wandb`` file -> canonical frame; fills ``info`` (config, summary, exit, damage, notes)."""
-    from autopsy.importers._leveldb_log import read_log
-
     pb = require("wandb.proto.wandb_internal_pb2", purpose="read .wandb run files")
     try:
         size = path.stat().st_size
@@ -233,12 +236,18 @@ def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
             info.damage.append(Damage(file=str(path), offset=0, problem="empty file (0 bytes)", salvaged="nothing"))
             return empty_frame()
         with open(path, "rb") as fh:
-            data = fh.read(MAX_BYTES)
+            return _read_wandb_stream(fh, path, size, pb, run=run, info=info)
     except OSError as exc:
         info.damage.append(Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing"))
         return empty_frame()
+
+
+def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, info: RunInfo) -> pd.DataFrame:
+    """The records of an open ``.wandb`` file, streamed block by block (memory: the decoded history, not the file)."""
+    from autopsy.importers._leveldb_log import LogStream
+
     try:
-        log = read_log(data)
+        log = LogStream(fh, limit=MAX_BYTES)
     except ValueError as exc:
         info.damage.append(Damage(file=str(path), offset=0, problem=str(exc), salvaged="nothing"))
         return empty_frame()
@@ -255,7 +264,7 @@ def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
     undecodable = 0
     exit_code: int | None = None
     has_exit = False
-    for raw in log.records:
+    for raw in log:
         rec = Record()
         try:
             rec.ParseFromString(raw)
@@ -293,13 +302,13 @@ def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
             has_exit = True
             exit_code = int(rec.exit.exit_code)
     if undecodable:
-        info.notes.append(f"{path}: {undecodable} of {len(log.records)} records could not be decoded by this wandb's protobuf; skipped")
+        info.notes.append(f"{path}: {undecodable} of {log.n_records} records could not be decoded by this wandb's protobuf; skipped")
     if log.problems:
         first = log.problems[0][0]
         problems = "; ".join(f"{p} at offset {o}" for o, p in log.problems[:5])
         more = f" (+{len(log.problems) - 5} more)" if len(log.problems) > 5 else ""
         info.damage.append(Damage(file=str(path), offset=first, problem=problems + more,
-                                  salvaged=f"{len(log.records)} records ({len(h_stepnum)} history rows) read; "
+                                  salvaged=f"{log.n_records} records ({len(h_stepnum)} history rows) read; "
                                            f"{log.skipped_bytes} bytes skipped"))
     if log.padded_tail:
         info.notes.append(f"{path}: ends in {log.padded_tail} zero bytes of block padding (the writer was stopped mid-block)")
@@ -490,7 +499,7 @@ def read_wandb_export(paths: list[Path], *, run: str) -> pd.DataFrame:
             if path.suffix == ".parquet":
                 per_run = {run: _cells_from_parquet(path)}
             else:
-                per_run = _csv_runs(path, run)
+                per_run = _csv_runs(path, run, info)
         except AutopsyError:
             raise
         except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -515,25 +524,143 @@ def read_wandb_export(paths: list[Path], *, run: str) -> pd.DataFrame:
     return frame
 
 
-def _csv_runs(path: Path, run: str) -> dict[str, pd.DataFrame] | None:
+class _LineCapped(io.RawIOBase):
+    """A binary file read through with its absurd physical lines (over ``cap`` bytes) dropped, so that
+    pandas never holds one: memory is one read block plus at most ``cap`` bytes of a pending line.
+
+    A first line (the header) over ``cap`` ends the stream: ``header_too_long`` says so."""
+
+    def __init__(self, fh: Any, cap: int, block: int = 1 << 20) -> None:
+        super().__init__()
+        self._fh, self._cap, self._block = fh, cap, max(1, min(block, cap))
+        self._out = bytearray()  # ready to hand out
+        self._cur = bytearray()  # the line being read (not yet known to be short enough)
+        self._cur_at = 0  # its byte offset
+        self._skipping = False  # inside a line already over the cap
+        self._pos = 0  # bytes read from the file
+        self._lines = 0  # complete lines seen
+        self._eof = False
+        self.header_too_long = False
+        self.dropped = 0
+        self.first_dropped_at: int | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _drop(self) -> None:
+        if self._lines == 0:
+            self.header_too_long = True
+            self._eof = True
+        self.dropped += 1
+        if self.first_dropped_at is None:
+            self.first_dropped_at = self._cur_at
+        self._cur = bytearray()
+        self._skipping = False
+
+    def _fill(self) -> None:
+        data = self._fh.read(self._block)
+        at = self._pos
+        self._pos += len(data)
+        if not data:
+            self._eof = True
+            if self._cur or self._skipping:  # a last line without its newline
+                if self._skipping:
+                    self._drop()
+                else:
+                    self._out += self._cur
+                    self._cur = bytearray()
+            return
+        first = data.find(b"\n")
+        if first < 0:  # the whole block continues the current line
+            if not self._skipping:
+                self._cur += data
+                if len(self._cur) > self._cap:
+                    self._skipping = True
+                    self._cur = bytearray()
+            return
+        # the current line ends in this block
+        if self._skipping or len(self._cur) + first + 1 > self._cap:
+            self._drop()
+            if self._eof:
+                return
+        else:
+            self._out += self._cur
+            self._out += data[:first + 1]
+            self._cur = bytearray()
+        self._lines += 1
+        last = data.rfind(b"\n")
+        if last > first:  # whole lines inside one block: each shorter than the block, so under the cap
+            self._out += data[first + 1:last + 1]
+            self._lines += 1  # at least one more (only "the header" vs "a later line" matters)
+        self._cur = bytearray(data[last + 1:])
+        self._cur_at = at + last + 1
+
+    def peek_line(self) -> bytes:
+        """The first line as it will be read (without consuming it); ``b""`` when there is none."""
+        while b"\n" not in self._out and not self._eof:
+            self._fill()
+        end = self._out.find(b"\n")
+        return bytes(self._out if end < 0 else self._out[:end + 1])
+
+    def readinto(self, buf: Any) -> int:
+        while not self._out and not self._eof:
+            self._fill()
+        n = min(len(buf), len(self._out))
+        buf[:n] = self._out[:n]
+        del self._out[:n]
+        return n
+
+
+_CSV_MAX_LINE = 4 << 20  # a physical line longer than this is not a CSV row (a corrupt or binary file)
+_CSV_CELLS_PER_CHUNK = 2_000_000  # text cells parsed at a time
+
+
+def _csv_runs(path: Path, run: str, info: RunInfo) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """The UI's CSV export split per run, with plain metric names; ``None`` without a step column.
 
-    Cells are read as text so that an empty cell (not logged) and a written ``NaN`` stay apart."""
-    text = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], nrows=None)
-    step_col = next((c for c in _CSV_STEP if c in text.columns), None)
-    if step_col is None:
-        return None
-    cols = [c for c in text.columns if c != step_col and not _CSV_SUFFIX.search(c)]
-    groups: dict[str, dict[str, str]] = {}
-    for col in cols:
-        if " - " in col:
-            who, metric = col.split(" - ", 1)
-        else:
-            who, metric = run, col
-        groups.setdefault(who, {})[col] = metric
-    out: dict[str, pd.DataFrame] = {}
-    single = len(groups) == 1
-    for who, mapping in groups.items():
-        wide = text[[step_col, *mapping]].rename(columns={**mapping, step_col: "_step"})
-        out[run if single else who] = wide
+    Cells are read as text so that an empty cell (not logged) and a written ``NaN`` stay apart. The
+    file is streamed in chunks of rows, each turned into numeric cells at once; the ``__MIN``/``__MAX``
+    columns are never parsed, and a line over 4 MiB is skipped (noted as damage)."""
+    with open(path, "rb") as fh:
+        stream = _LineCapped(fh, _CSV_MAX_LINE)
+        header = stream.peek_line()
+        if stream.header_too_long:
+            raise ValueError(f"the first line is over {_CSV_MAX_LINE >> 20} MiB: not a CSV export")
+        chunk_rows = max(100, _CSV_CELLS_PER_CHUNK // (header.count(b",") + 1))
+        reader = pd.read_csv(io.BufferedReader(stream, buffer_size=1 << 20), dtype=str, keep_default_na=False,
+                             na_values=[], usecols=lambda c: not _CSV_SUFFIX.search(str(c)), chunksize=chunk_rows)
+        step_col: str | None = None
+        groups: dict[str, dict[str, str]] = {}
+        cells: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        offset = 0
+        with reader:
+            for text in reader:
+                if step_col is None:
+                    step_col = next((c for c in _CSV_STEP if c in text.columns), None)
+                    if step_col is None:
+                        return None
+                    for col in text.columns:
+                        if col == step_col:
+                            continue
+                        who, metric = col.split(" - ", 1) if " - " in col else (run, col)
+                        groups.setdefault(who, {})[col] = metric
+                single = len(groups) == 1
+                for who, mapping in groups.items():
+                    wide = text[[step_col, *mapping]].rename(columns={**mapping, step_col: "_step"})
+                    r, k, v = _cells_from_text(wide)
+                    cells.setdefault(run if single else who, []).append((r + offset, k, v))
+                offset += len(text)
+    if stream.dropped:
+        info.damage.append(Damage(file=str(path), offset=stream.first_dropped_at,
+                                  problem=f"{stream.dropped} line(s) over {_CSV_MAX_LINE >> 20} MiB (not CSV rows)",
+                                  salvaged=f"{offset} rows read; those lines skipped"))
+    if step_col is None:  # a header and no rows: look at the header alone
+        cols = pd.read_csv(io.BytesIO(header), nrows=0, dtype=str).columns
+        if not any(c in cols for c in _CSV_STEP):
+            return None
+        return {}
+    out = {}
+    for who, parts in cells.items():
+        rows, keys, values = zip(*parts)
+        out[who] = (np.concatenate(rows), np.concatenate(keys), np.concatenate(values))
     return out
