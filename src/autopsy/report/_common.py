@@ -40,13 +40,15 @@ def config_summary(run: RunReport) -> dict[str, Any]:
     return out
 
 
-def restart_advice(run: RunReport) -> str | None:
-    """Which checkpoint to restart from, when a finding names one."""
+def restart_advice(run: RunReport, *, first_bad: int | None = None) -> str | None:
+    """Which checkpoint to restart from, when a finding names one; with ``first_bad`` and none known, say so."""
     for f in run.sorted_findings():
         ck = f.evidence.get("restart_checkpoint")
         if ck:
             redo = f.evidence.get("steps_to_redo")
             return f"restart from {ck} (step {f.evidence.get('restart_step')}), {redo} step{'' if redo == 1 else 's'} to redo"
+    if first_bad is not None:
+        return f"no checkpoint known before step {first_bad}: restart from scratch"
     return None
 
 

@@ -118,11 +118,9 @@ def _verdict(run: RunReport, idx: int) -> list[str]:
                 f"<dt>Why</dt><dd>{_e(top.cause or top.summary)}</dd>"]
         if top.fix:
             out.append(f"<dt>What to do</dt><dd>{_e(top.fix)}</dd>")
-        advice = restart_advice(run)
+        advice = restart_advice(run, first_bad=bad)
         if advice:
             out.append(f'<dt>Restart</dt><dd class="restart">{_e(advice)}</dd>')
-        elif bad is not None:
-            out.append(f"<dt>Restart</dt><dd>no checkpoint known before step {bad}: restart from scratch</dd>")
     else:
         out.append(f"<dt>Steps</dt><dd>{_e(last if last is not None else 'unknown')}</dd>")
     out.append("</dl>")

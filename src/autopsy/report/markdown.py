@@ -74,11 +74,9 @@ def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> l
         lines += [f"- **Where:** step {step}" + (f" ({wall})" if wall else ""), f"- **Why:** {_cell(top.cause or top.summary)}"]
         if top.fix:
             lines.append(f"- **What to do:** {_cell(top.fix)}")
-        advice = restart_advice(run)
+        advice = restart_advice(run, first_bad=bad)
         if advice:
             lines.append(f"- **Restart:** {_cell(advice)}")
-        elif bad is not None:
-            lines.append(f"- **Restart:** no checkpoint known before step {bad}: restart from scratch")
         lines.append("")
     lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(run.path)}", ""]
     if plots_dir is not None:
