@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from autopsy.findings import Finding, RunReport
 
 __all__ = ["KEY_CONFIG", "REPLAY_SIGNATURES", "comparison_rows", "config_summary", "first_bad_step", "format_evidence",
@@ -85,33 +87,28 @@ def last_step(run: RunReport) -> int | None:
     return getattr(info, "global_step", None) if info is not None else None
 
 
-def step_wall_times(run: RunReport) -> dict[int, float]:
-    """First known wall time (s since the epoch) of each step of the run, vectorised over the frame."""
+def step_wall_times(run: RunReport) -> pd.Series:
+    """First known wall time (s since the epoch) of each step of the run: a float Series indexed by sorted step."""
     import numpy as np
 
     frame = run.frame
     if frame is None or frame.empty:
-        return {}
+        return pd.Series([], dtype=np.float64)
     rows = frame[np.isfinite(frame["wall_time"].to_numpy(dtype=float))]
-    if rows.empty:
-        return {}
-    first = rows.groupby("step", sort=True)["wall_time"].min()
-    return {int(k): float(v) for k, v in first.items()}
+    return rows.groupby("step", sort=True)["wall_time"].min()
 
 
-def format_wall(step: int | None, walls: dict[int, float]) -> str:
+def format_wall(step: int | None, walls: pd.Series) -> str:
     """``2024-05-01 12:00:03 UTC (+1h02m)`` for a step, from the nearest logged step at or before it; '' when unknown."""
-    import bisect
     import datetime as dt
 
-    if step is None or not walls:
+    if step is None or walls.empty:
         return ""
-    keys = sorted(walls)
-    i = bisect.bisect_right(keys, int(step)) - 1
+    i = int(walls.index.searchsorted(int(step), side="right")) - 1
     if i < 0:
         return ""
-    t = walls[keys[i]]
-    start = walls[keys[0]]
+    t = float(walls.iloc[i])
+    start = float(walls.iloc[0])
     stamp = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     secs = int(round(t - start))
     h, rem = divmod(secs, 3600)

@@ -157,7 +157,7 @@ def _timeline(run: RunReport, idx: int) -> list[str]:
         return []
     walls = step_wall_times(run)
     last = last_step(run) or max((f.end_step or f.step or 0) for f in findings) or 1
-    has_wall = bool(walls)
+    has_wall = not walls.empty
     out = ["<h3>Timeline</h3>", '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>' + ("<th>wall time</th>" if has_wall else "")
            + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>"]
     for f in findings:

@@ -66,11 +66,12 @@ def _plots(run: RunReport, idx: int, plots_dir: Path, plots_link: str) -> list[s
 
 def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
     lines = [f"## {_cell(run.run)}", "", f"**Verdict:** {_cell(run.verdict())}", ""]
+    walls = step_wall_times(run)
     top = run.sorted_findings()[0] if run.findings else None
     if top is not None and top.severity >= Severity.WARNING:
         bad = first_bad_step(run)
         step = bad if bad is not None else top.step
-        wall = format_wall(step, step_wall_times(run))
+        wall = format_wall(step, walls)
         lines += [f"- **Where:** step {step}" + (f" ({wall})" if wall else ""), f"- **Why:** {_cell(top.cause or top.summary)}"]
         if top.fix:
             lines.append(f"- **What to do:** {_cell(top.fix)}")
@@ -83,7 +84,6 @@ def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> l
         lines += _plots(run, idx, plots_dir, plots_link)
     findings = run.sorted_findings()
     if findings:
-        walls = step_wall_times(run)
         timeline = sorted(findings, key=lambda f: (f.step if f.step is not None else 1 << 62, -int(f.severity), f.signature))
         lines += ["### Timeline", "", "| step | wall time | severity | signature | metric | summary |", "|---:|---|---|---|---|---|"]
         lines += [f"| {step_range(f)} | {format_wall(f.step, walls)} | {f.severity} | `{f.signature}` | "

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from autopsy.detectors._common import loss_metrics
 from autopsy.findings import Finding, RunReport, Severity
+from autopsy.frame import series
 
 __all__ = ["Plot", "downsample_minmax", "grad_norm_threshold", "run_plots"]
 
@@ -101,19 +103,6 @@ def grad_norm_threshold(run: RunReport) -> tuple[float | None, bool]:
     if not math.isfinite(v) or v <= 0:
         return None, False
     return v, False
-
-
-def _series(frame: pd.DataFrame, metric: str) -> pd.Series:
-    from autopsy.frame import series
-
-    return series(frame, metric)
-
-
-def _loss_metrics(frame: pd.DataFrame) -> list[str]:
-    metrics = set(frame["metric"].unique())
-    out = [m for m in ("train/loss", "eval/loss") if m in metrics]
-    out += sorted(m for m in metrics if m.startswith("eval/") and m.endswith("/loss") and m != "eval/loss")
-    return out
 
 
 def _fmt_num(v: float) -> str:
@@ -200,19 +189,19 @@ def _finding_marks(canvas: _Canvas, findings: list[Finding], metrics: set[str], 
 
 def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height: float, fmt: str) -> Plot | None:
     frame = run.frame
-    metrics = _loss_metrics(frame)
+    metrics = loss_metrics(frame)
     if not metrics:
         return None
     c = _Canvas("loss (train / eval)", width=width, height=height)
     c.ax.set_ylabel("loss")
     for i, m in enumerate(metrics):
-        s = _series(frame, m)
+        s = series(frame, m)
         if s.empty:
             continue
         c.line(s, label=m, color=_SERIES_COLORS[i % len(_SERIES_COLORS)], marker=m.startswith("eval/"))
     for f in findings:  # the 0.0 points of a collapse are evidence too
         if f.signature == "loss_zero_collapse" and f.metric and f.step is not None:
-            s = _series(frame, f.metric)
+            s = series(frame, f.metric)
             end = f.end_step if f.end_step is not None else s.index.max()
             z = s[(s.index >= f.step) & (s.index <= end) & (s == 0.0)]
             if len(z):
@@ -223,7 +212,7 @@ def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height:
     for m in metrics:
         if not m.startswith("eval/"):
             continue
-        s = _series(frame, m)
+        s = series(frame, m)
         fin = s[np.isfinite(s.to_numpy())]
         if len(fin) >= 2:
             best = int(fin.idxmin())
@@ -235,7 +224,7 @@ def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height:
 
 
 def _grad_plot(run: RunReport, findings: list[Finding], *, width: float, height: float, fmt: str) -> Plot | None:
-    s = _series(run.frame, "train/grad_norm")
+    s = series(run.frame, "train/grad_norm")
     if s.empty:
         return None
     c = _Canvas("gradient norm (pre-clip)", width=width, height=height)
@@ -258,7 +247,7 @@ def _grad_plot(run: RunReport, findings: list[Finding], *, width: float, height:
 
 
 def _lr_plot(run: RunReport, findings: list[Finding], *, width: float, height: float, fmt: str) -> Plot | None:
-    s = _series(run.frame, "train/learning_rate")
+    s = series(run.frame, "train/learning_rate")
     if s.empty:
         return None
     from autopsy.detectors._common import warmup_end_step
