@@ -20,6 +20,15 @@ import _replay_support as S  # noqa: E402
 
 from autopsy.cli import main  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _math_attention():
+    """Replay in the attention kernel the fixture runs were trained with (see tinyllama.math_attention)."""
+    import tinyllama
+
+    with tinyllama.math_attention():
+        yield
+
 UP = "model.layers.1.mlp.up_proj"
 
 

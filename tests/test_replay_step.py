@@ -15,6 +15,15 @@ pytest.importorskip("transformers")
 
 from autopsy.cli import main  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _math_attention():
+    """Replay in the attention kernel the fixture runs were trained with (see tinyllama.math_attention)."""
+    import tinyllama
+
+    with tinyllama.math_attention():
+        yield
+
 UP = "model.layers.1.mlp.up_proj"
 
 
