@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import RUNS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _paths import FIXTURES, ISSUE_LOGS, REAL_LOGS, REPO, RUNS, SHARED, needs_shared  # noqa: E402,F401
-
-sys.path.insert(0, str(FIXTURES))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

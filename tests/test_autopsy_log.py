@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import autopsy
-from autopsy.frame import run_info, series
+from autopsy.runinfo import run_info
+from autopsy.series import series
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.detect import detect
 
 from autopsy import analyze
-from autopsy.detectors.runtime import abrupt_end, crash, loss_scale_collapse
-from autopsy.frame import RunInfo, make_frame, series
+from autopsy.frame import make_frame
 from autopsy.importers import load
 from autopsy.importers.console import parse_console_text
 from autopsy.memory_estimate import estimate_training_memory
+from autopsy.runinfo import RunInfo, attach_runs, catalog, run_info
+from autopsy.series import series
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,7 @@ def test_real_trainer_console_matches_trainer_state(trainer_console):
         assert a.index.tolist() == b.index.tolist(), metric
         # the console prints 4 significant digits
         np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-3, atol=1e-12, equal_nan=True)
-    info = next(iter(con.attrs["runs"].values()))
+    info = next(iter(catalog(con).values()))
     assert info.max_steps == 40 and info.logging_steps in (None, 2) or info.max_steps == 40
     assert info.finished is True
     assert any("step" in n for n in info.notes)
@@ -67,17 +69,23 @@ def test_real_trainer_console_matches_trainer_state(trainer_console):
     assert "abrupt_end" not in sigs and "crash" not in sigs
 
 
+
+def _parse(text: str, *, run: str = "r"):
+    got = parse_console_text(text, run=run)
+    return attach_runs(got.frame, got.runs)
+
+
 def test_hf_4x_dicts_wrapped_and_tqdm_carriage_returns():
     text = (" 10%|#  | 9/90 [00:01<00:10]\r 11%|#  | 10/90 [00:01<00:10]\n{'loss': 2.5, 'grad_norm': 1.5, 'learn\n"
             "ing_rate': 1e-05, 'epoch': 0.11}\n 11%|#  | 10/90 [00:01<00:10]\r 12%| | 11/90 [00:01<00:10]\r"
             " 22%|## | 20/90 [00:02<00:09]\n{'loss': 0.0, 'grad_norm': nan, 'learning_rate': 2e-05, 'epoch': 0.22}\n"
             "{'eval_loss': inf, 'eval_runtime': 1.0, 'epoch': 0.22}\n")
-    frame = parse_console_text(text, run="r")
+    frame = _parse(text, run="r")
     assert series(frame, "train/loss").to_dict() == {10: 2.5, 20: 0.0}
     assert series(frame, "train/learning_rate").to_dict() == {10: 1e-05, 20: 2e-05}
     assert np.isnan(series(frame, "train/grad_norm")[20])
     assert series(frame, "eval/loss").to_dict() == {20: np.inf}
-    assert frame.attrs["runs"]["r"].max_steps == 90
+    assert run_info(frame, "r").max_steps == 90
 
 
 @pytest.mark.parametrize(
@@ -93,7 +101,7 @@ def test_hf_4x_dicts_wrapped_and_tqdm_carriage_returns():
     ],
 )
 def test_generic_line_grammars(line, step, metric, value):
-    frame = parse_console_text(line + "\n", run="r")
+    frame = _parse(line + "\n", run="r")
     s = series(frame, metric)
     assert len(s) == 1
     if step is not None:
@@ -106,7 +114,7 @@ def test_binary_and_non_utf8_bytes_are_skipped(tmp_path):
     p.write_bytes(b"\xff\xfe garbage \x00\x01\n{'loss': 1.5, 'epoch': 0.1}\n\x80\x81{'loss': 1.25, 'epoch': 0.2}\n")
     frame = load(p)
     assert series(frame, "train/loss").tolist() == [1.5, 1.25]
-    info = next(iter(frame.attrs["runs"].values()))
+    info = next(iter(catalog(frame).values()))
     assert any("not UTF-8" in n for n in info.notes)
 
 
@@ -142,13 +150,13 @@ def test_crash_kinds(kind):
     tail, exc = _CRASHES[kind]
     text = "***** Running training *****\n  Total optimization steps = 100\n" + "".join(
         f"{{'loss': {2 - i / 10}, 'grad_norm': 1.0, 'epoch': {i / 100}, 'step': {i}}}\n" for i in range(1, 6)) + tail
-    frame = parse_console_text(text, run="r")
-    info = frame.attrs["runs"]["r"]
-    found = crash(frame, info=info)
+    frame = _parse(text, run="r")
+    info = run_info(frame, "r")
+    found = detect("crash", frame, info)
     assert len(found) == 1 and found[0].evidence["kind"] == kind
     assert found[0].step == 5 and found[0].cause and found[0].fix
     assert found[0].evidence.get("exception") == exc
-    ends = abrupt_end(frame, info=info)
+    ends = detect("abrupt_end", frame, info)
     assert (len(ends) == 1) == (kind != "interrupted")
     if kind == "oom":
         ev = found[0].evidence
@@ -157,12 +165,12 @@ def test_crash_kinds(kind):
 
 def test_oom_with_model_config_gets_memory_estimate():
     text = "{'loss': 2.0, 'step': 1}\nRuntimeError: CUDA out of memory. Tried to allocate 1.00 GiB\n"
-    frame = parse_console_text(text, run="r")
-    info = frame.attrs["runs"]["r"]
+    frame = _parse(text, run="r")
+    info = run_info(frame, "r")
     info.config.update(model={"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000,
                               "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32},
                        per_device_train_batch_size=8, max_seq_length=4096)
-    f = crash(frame, info=info)[0]
+    f = detect("crash", frame, info)[0]
     est = f.evidence["memory_estimate"]
     assert 6.0e9 < est["params"] < 7.5e9  # Llama-2-7B
     assert est["activations_checkpointed_gib"] < est["activations_gib"]
@@ -200,17 +208,17 @@ def _scale_frame(values, overflow=False):
     ],
 )
 def test_loss_scale_collapse(values, overflow, fires):
-    assert bool(loss_scale_collapse(_scale_frame(values, overflow))) is fires
+    assert bool(detect("loss_scale_collapse", _scale_frame(values, overflow))) is fires
 
 
 def test_abrupt_end_needs_a_seen_start_or_a_crash():
     steps = list(range(1, 11))
     frame = make_frame(run="r", source="console", metric="train/loss", step=steps, value=[1.0] * 10)
-    assert not abrupt_end(frame, info=RunInfo(name="r", max_steps=100))  # an excerpt: nothing known about its end
-    got = abrupt_end(frame, info=RunInfo(name="r", max_steps=100, finished=False))
+    assert not detect("abrupt_end", frame, RunInfo(name="r", max_steps=100))  # an excerpt: nothing known about its end
+    got = detect("abrupt_end", frame, RunInfo(name="r", max_steps=100, finished=False))
     assert got and got[0].step == 10 and got[0].evidence["share_done"] == 0.1
-    assert not abrupt_end(frame, info=RunInfo(name="r", max_steps=10, finished=False))
-    assert not abrupt_end(frame, info=RunInfo(name="r", max_steps=100, finished=True))
+    assert not detect("abrupt_end", frame, RunInfo(name="r", max_steps=10, finished=False))
+    assert not detect("abrupt_end", frame, RunInfo(name="r", max_steps=100, finished=True))
 
 
 def test_committed_runs_do_not_cry_wolf(healthy_run, nan_run):

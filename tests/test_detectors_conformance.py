@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from autopsy.detectors import registered
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo, make_frame
+from autopsy.frame import make_frame
+from autopsy.runinfo import RunInfo, attach_runs, run_info
 from autopsy.synth import make_run
 
 SPECS = sorted(registered().values(), key=lambda s: s.name)
@@ -58,8 +59,10 @@ def clean_runs():
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_nothing_at_warning_on_clean_synthetic_runs(spec, clean_runs):
     for frame in clean_runs:
-        info = frame.attrs["runs"]["synth"]
-        got = spec.func(frame, info=info) if "info" in inspect.signature(spec.func).parameters else spec.func(frame)
+        info = run_info(frame, "synth")
+        outcome = spec.run(frame, info)
+        assert not outcome.errors, outcome.errors
+        got = outcome.findings
         loud = [f for f in got if f.severity >= Severity.WARNING]
         assert loud == [], f"{spec.name} on a clean run: {[f.summary for f in loud]}"
 
@@ -92,20 +95,20 @@ def odd_frames(draw):
     frame = make_frame(run="r", source="t", metric=metrics, step=steps, value=vals)
     cfg = draw(st.sampled_from([{}, {"max_grad_norm": 1.0, "warmup_steps": 0, "learning_rate": 10.0, "fp16": True},
                                 {"max_grad_norm": None, "warmup_ratio": 2.0, "max_steps": 5, "learning_rate": "x"}]))
-    frame.attrs["runs"] = {"r": RunInfo(name="r", config=dict(cfg), max_steps=draw(st.sampled_from([None, 0, 10, 100])))}
+    attach_runs(frame, {"r": RunInfo(name="r", config=dict(cfg), max_steps=draw(st.sampled_from([None, 0, 10, 100])))})
     return frame
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(frame=odd_frames())
 def test_detectors_never_raise_and_are_deterministic(frame):
-    info = frame.attrs["runs"]["r"]
+    info = run_info(frame, "r")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for spec in SPECS:
-            kw = {"info": info} if "info" in inspect.signature(spec.func).parameters else {}
-            a = spec.func(frame, **kw)
-            b = spec.func(frame.copy(), **kw)
+            run_a, run_b = spec.run(frame, info), spec.run(frame.copy(), info)
+            assert not run_a.errors, (spec.name, run_a.errors)
+            a, b = run_a.findings, run_b.findings
             assert all(isinstance(f, Finding) for f in a)
             assert [(f.signature, f.step, f.summary) for f in a] == [(f.signature, f.step, f.summary) for f in b], spec.name
 
@@ -114,7 +117,7 @@ def test_analyze_on_an_empty_frame_reports_insufficient_data():
     from autopsy import analyze
 
     frame = make_frame(run="r", source="t", metric=[], step=[], value=[])
-    frame.attrs["runs"] = {"r": RunInfo(name="r")}
+    attach_runs(frame, {"r": RunInfo(name="r")})
     rep = analyze(frame)
     assert rep.runs[0].errors == []
     assert [f.signature for f in rep.runs[0].findings] == ["insufficient_data"]

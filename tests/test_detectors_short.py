@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from autopsy import analyze
-from autopsy.detectors._common import hf_trainer_like, metric_names, metric_series
+from autopsy.detectors._context import hf_trainer_like
 from autopsy.findings import Severity
-from autopsy.frame import RunInfo, make_frame, series
+from autopsy.frame import make_frame
+from autopsy.runinfo import RunInfo, attach_runs, run_info
+from autopsy.series import metric_names, series
+from autopsy.series import series as metric_series
 
 
 def _frame(cols: dict[str, list[float]], *, steps=None, raw: dict[str, str] | None = None, config=None, sources=("console",)):
@@ -24,7 +27,7 @@ def _frame(cols: dict[str, list[float]], *, steps=None, raw: dict[str, str] | No
         value += list(vals)
         raw_metric += [(raw or {}).get(name, name.split("/")[-1])] * len(vals)
     f = make_frame(run="r", source="console", metric=metric, step=step, value=value, raw_metric=raw_metric)
-    f.attrs["runs"] = {"r": RunInfo(name="r", sources=list(sources), config=dict(config or {}))}
+    attach_runs(f, {"r": RunInfo(name="r", sources=list(sources), config=dict(config or {}))})
     return f
 
 
@@ -39,13 +42,13 @@ LOSS = [0.09, 0.1, 0.088, 0.096, 0.083, 0.087, 0.078, 0.079, 0.1, 0.087, 0.094, 
 def test_clip_saturation_assumes_hf_default_only_for_hf_runs():
     lr = [1e-4] * len(GN)
     hf = _frame({"train/grad_norm": GN, "train/loss": LOSS, "train/learning_rate": lr})
-    assert hf_trainer_like(hf, hf.attrs["runs"]["r"])
+    assert hf_trainer_like(hf, run_info(hf, "r"))
     f = _sigs(hf)["clip_saturation"]
     # a few times an assumed threshold with a loss that is not rising: a note, not a warning
     assert f.severity == Severity.INFO and f.evidence["max_grad_norm_assumed"] is True
     custom = _frame({"train/grad_norm": GN, "train/loss": LOSS, "train/learning_rate": lr},
                     raw={"train/grad_norm": "grad_norm", "train/learning_rate": "lr", "train/loss": "closs"})
-    assert not hf_trainer_like(custom, custom.attrs["runs"]["r"])
+    assert not hf_trainer_like(custom, run_info(custom, "r"))
     assert "clip_saturation" not in _sigs(custom)  # no HF default to assume for a custom loop
     known = _frame({"train/grad_norm": GN, "train/loss": LOSS, "train/learning_rate": lr},
                    raw={"train/learning_rate": "lr"}, config={"max_grad_norm": 1.0})

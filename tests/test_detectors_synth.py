@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.detect import detect
 
 from autopsy import analyze
-from autopsy.detectors.spikes import loss_spike
 from autopsy.findings import Severity
-from autopsy.frame import RunInfo, make_frame
+from autopsy.frame import make_frame
+from autopsy.runinfo import RunInfo, attach_runs, run_info
 from autopsy.synth import make_run
 
 MINE = {"loss_spike", "divergence", "plateau", "oscillation", "epoch_boundary_drop", "exploding_gradients",
@@ -59,7 +60,7 @@ def test_synth_is_seeded():
 def _spiky(values):
     steps = np.arange(1, len(values) + 1)
     f = make_frame(run="r", source="t", metric="train/loss", step=steps, value=values)
-    f.attrs["runs"] = {"r": RunInfo(name="r")}
+    attach_runs(f, {"r": RunInfo(name="r")})
     return f
 
 
@@ -69,13 +70,13 @@ def test_spike_presets_follow_their_published_rules():
     v = base.copy()
     v[250:256] = 5.0  # 2.5x the rolling mean for 6 logs: llm-foundry fires; 10x the first 100 max: no
     f = _spiky(v)
-    assert [x.step for x in loss_spike(f, method="llm_foundry")] == [251]
-    assert loss_spike(f, method="megatron") == []
-    assert [x.step for x in loss_spike(f, method="olmo")] == [251]
-    assert [x.step for x in loss_spike(f)] == [251]
+    assert [x.step for x in detect("loss_spike", f, method="llm_foundry")] == [251]
+    assert detect("loss_spike", f, method="megatron") == []
+    assert [x.step for x in detect("loss_spike", f, method="olmo")] == [251]
+    assert [x.step for x in detect("loss_spike", f)] == [251]
     v2 = base.copy()
     v2[300] = 25.0  # > 10x the first-100 max: Megatron's check
-    assert [x.step for x in loss_spike(_spiky(v2), method="megatron")] == [301]
+    assert [x.step for x in detect("loss_spike", _spiky(v2), method="megatron")] == [301]
 
 
 def test_epoch_drop_is_not_a_spike():
@@ -108,7 +109,7 @@ def test_nan_absorbs_its_exploding_precursor():
 
 def test_config_risk_becomes_the_cause_it_explains():
     frame, _ = make_run(failure="plateau", seed=1)
-    info = frame.attrs["runs"]["synth"]
+    info = run_info(frame, "synth")
     info.config["learning_rate"] = 1e-9
     fs = analyze(frame).runs[0].findings
     plateau = [f for f in fs if f.signature == "plateau"][0]
@@ -119,7 +120,7 @@ def test_config_risk_becomes_the_cause_it_explains():
 
 def test_clip_saturation_says_when_the_threshold_was_assumed():
     frame, _ = make_run(failure="clip_saturation", seed=1)
-    del frame.attrs["runs"]["synth"].config["max_grad_norm"]
+    del run_info(frame, "synth").config["max_grad_norm"]
     f = [x for x in analyze(frame).runs[0].findings if x.signature == "clip_saturation"][0]
     assert f.evidence["max_grad_norm"] == 1.0 and f.evidence["max_grad_norm_assumed"] is True
     assert "assumed" in f.summary
@@ -134,7 +135,8 @@ def test_cli_lists_detectors_with_params_and_docs():
     assert r.returncode == 0, r.stderr
     for name in ("loss_spike", "divergence", "plateau", "clip_saturation", "overfitting", "config_risk"):
         assert name in r.stdout
-    assert "method='robust'" in r.stdout and "max_grad_norm=None" in r.stdout
+    assert "method: one of 'robust', 'megatron', 'llm_foundry', 'olmo' = 'robust'" in r.stdout
+    assert "max_grad_norm: float or None = None" in r.stdout
     one = _cli("detectors", "loss_spike")
     assert "Signature:" in one.stdout and "megatron" in one.stdout
 

@@ -5,8 +5,17 @@ import pandas as pd
 import pytest
 
 import autopsy
-from autopsy.frame import (COLUMNS, FrameError, canonical_metric, concat_frames, make_frame, merge_sources, series,
-                           validate_frame)
+from autopsy.errors import FrameError
+from autopsy.frame import (
+    COLUMNS,
+    concat_frames,
+    make_frame,
+    merge_sources,
+    validate_frame,
+)
+from autopsy.importers import priorities
+from autopsy.metrics import canonical_metric
+from autopsy.series import series
 
 
 def sup(steps):
@@ -33,18 +42,18 @@ def test_columns_and_dtypes():
     assert np.isnan(f["value"].iloc[0]) and np.isnan(f["wall_time"].iloc[0])
 
 
-def test_merge_prefers_the_densest_source_then_the_fixed_order():
+def test_merge_prefers_the_densest_source_then_the_importers_priority():
     dense = make_frame(run="r", source="trainer_state", metric="train/loss", step=np.arange(1, 11), value=np.ones(10))
     sparse = make_frame(run="r", source="tensorboard", metric="train/loss", step=[2, 4, 11], value=[9.0, 9.0, 9.0])
-    merged = merge_sources(concat_frames([dense, sparse]))
+    merged = merge_sources(concat_frames([dense, sparse]), priorities())
     s = merged[merged["metric"] == "train/loss"]
     assert not s["step"].duplicated().any()
     assert set(s.loc[s["step"] <= 10, "source"]) == {"trainer_state"}  # densest wins where both have a step
     assert s.loc[s["step"] == 11, "source"].tolist() == ["tensorboard"]  # a step only the other has is kept
-    # equal density: TensorBoard (wall times, every step) before trainer_state, whatever the row order
+    # equal density: TensorBoard (wall times, every step; PRIORITY 0) before trainer_state (2), whatever the row order
     tb = make_frame(run="r", source="tensorboard", metric="train/loss", step=np.arange(1, 11), value=np.full(10, 2.0))
     for frames in ([dense, tb], [tb, dense]):
-        m = merge_sources(concat_frames(frames))
+        m = merge_sources(concat_frames(frames), priorities())
         assert set(m["source"]) == {"tensorboard"} and len(m) == 10
 
 

@@ -14,7 +14,7 @@ def test_import_autopsy_loads_no_heavy_module():
 
 
 def test_loading_a_trainer_state_run_imports_no_heavy_module(tmp_path):
-    from _paths import RUNS
+    from helpers.paths import RUNS
 
     path = RUNS / "healthy" / "trainer_state.json"
     code = (

@@ -13,13 +13,14 @@ import math
 
 import numpy as np
 import pytest
+from helpers.paths import ISSUE_LOGS, needs_shared
 
 from autopsy import analyze
 from autopsy.detectors._registry import registered
 from autopsy.findings import Severity
-from autopsy.frame import series
 from autopsy.importers import load
-from _paths import ISSUE_LOGS, needs_shared
+from autopsy.runinfo import catalog
+from autopsy.series import series
 
 # name -> expect, forbid, series checks {metric: (kind, args)}, known exceptions {signature: reason}
 CASES: dict[str, dict] = {
@@ -100,7 +101,7 @@ def test_issue_log_series(name):
     needs_shared(ISSUE_LOGS)
     case = CASES[name]
     frame = load(ISSUE_LOGS / name)
-    info = next(iter(frame.attrs["runs"].values()))
+    info = next(iter(catalog(frame).values()))
     for metric, n in case.get("points", {}).items():
         assert len(series(frame, metric)) == n, (metric, series(frame, metric))
     for metric, steps in case.get("steps", {}).items():

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.paths import RUNS
+from helpers.wandb_runs import rows_from_log_history, write_runs
 
-from _wandb_support import rows_from_log_history, write_runs
 from autopsy.analysis import analyze
-from autopsy.frame import run_info, runs_of, series
 from autopsy.importers import load
-from _paths import RUNS
+from autopsy.runinfo import run_info
+from autopsy.series import runs_of, series
 
 EXTRA = "train/tokens_per_second"  # a metric only the W&B run has (a user's own callback)
 

@@ -7,8 +7,13 @@ import json
 import shutil
 
 import pytest
-
-from _reliability_support import cli_inprocess, cli_subprocess, has_module, make_damaged, snapshot
+from helpers.reliability import (
+    cli_inprocess,
+    cli_subprocess,
+    has_module,
+    make_damaged,
+    snapshot,
+)
 
 from autopsy.errors import AutopsyError
 

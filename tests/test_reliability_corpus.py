@@ -12,8 +12,7 @@ import subprocess
 import sys
 
 import pytest
-
-from _reliability_support import cli_inprocess, has_module, make_damaged, snapshot
+from helpers.reliability import cli_inprocess, has_module, make_damaged, snapshot
 
 CASES = list(make_damaged.CASES)
 

@@ -20,13 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from _reliability_support import REPO, cli_inprocess, cli_subprocess, has_module, make_damaged
+from helpers.paths import REPO
+from helpers.reliability import (
+    cli_inprocess,
+    cli_subprocess,
+    has_module,
+    make_damaged,
+)
 
 from autopsy.errors import AutopsyError, InputError
-from autopsy.frame import run_info, series
 from autopsy.importers import load
 from autopsy.importers.discover import find_runs
+from autopsy.runinfo import run_info
+from autopsy.series import series
 
 NAN_RUN = make_damaged.NAN_RUN
 SRC = REPO / "src" / "autopsy"

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from _paths import REPO
+from helpers.paths import REPO
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import _replay_support as S  # noqa: E402
+import helpers.replay as S  # noqa: E402
 
 from autopsy.cli import main  # noqa: E402
 
@@ -210,7 +209,7 @@ def test_backward_origin_is_the_module_whose_gradient_breaks():
 
 
 def test_weight_scan_reads_bf16_and_reports_a_cut_file(rp, tmp_path):
-    from autopsy.replay.checkpoint import scan_weights
+    from autopsy.checkpoints import scan_weights
 
     ck = S.make_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16, plant="model.layers.0.self_attn.k_proj.weight", value=float("nan"))
     scan = scan_weights(ck)

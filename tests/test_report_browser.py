@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _report_browser_support import CHROMIUM, open_page
-from _report_support import synthetic_report
+from helpers.browser import CHROMIUM, open_page
+from helpers.report import synthetic_report
 
 from autopsy.report import render
 

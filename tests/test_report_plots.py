@@ -6,7 +6,7 @@ import base64
 
 import numpy as np
 import pytest
-from _report_support import synthetic_report
+from helpers.report import synthetic_report
 
 from autopsy.findings import RunReport
 from autopsy.frame import make_frame

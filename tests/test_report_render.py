@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _report_support import HOSTILE, synthetic_report
+from helpers.report import HOSTILE, synthetic_report
 
 from autopsy.report import render
 
@@ -59,7 +59,7 @@ def test_html_is_self_contained_escaped_and_has_every_section():
     assert [p for p, _ in plots[:3]] == ["loss", "grad_norm", "learning_rate"]
     svg = base64.b64decode(plots[0][1]).decode()
     assert svg.lstrip().startswith("<?xml") and "nan_grad_norm" in svg and "@ 31" in svg  # the loss plot is annotated
-    for section in ("Comparison", "Plots", "Timeline", "Findings", "Replay", "Config", "Sources read"):
+    for section in ("Summary", "Plots", "Timeline", "Findings", "Replay", "Config", "Sources read"):
         assert f">{section}</h" in html, section
     verdict = html[html.index('id="verdict-0"'):html.index('id="plot-0-loss"')]
     assert "FAILED" in verdict and "step 31" in verdict and "checkpoint-30" in verdict and "bf16" in verdict

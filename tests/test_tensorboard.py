@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _tb_support import HF_ARGS, HF_MODEL, loss_at, write_hf_run, write_tensor_scalars
-from _paths import REAL_LOGS, REPO, needs_shared
+from helpers.paths import REAL_LOGS, REPO, needs_shared
+from helpers.tb import HF_ARGS, HF_MODEL, loss_at, write_hf_run, write_tensor_scalars
 
 import autopsy
-from autopsy.frame import run_info, series
+from autopsy.importers import read_files
 from autopsy.importers._tfrecord import crc32c_many, scan
 from autopsy.importers.discover import find_runs
-from autopsy.importers.tensorboard import read_event_file, read_tensorboard
+from autopsy.importers.tensorboard import read_event_file
+from autopsy.runinfo import catalog, run_info
+from autopsy.series import series
 
 pytest.importorskip("tbparse")
 pytest.importorskip("torch")
@@ -60,7 +62,7 @@ def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 
 def test_fast_engine_matches_tbparse_oracle(hf_file: Path) -> None:
-    fast = read_tensorboard([hf_file], run="r", engine="fast")
+    fast = read_files("tensorboard", [hf_file], run="r", engine="fast")
     oracle = _tbparse_rows(hf_file)
     _same(fast, oracle)
     v = series(fast, "train/loss")
@@ -73,15 +75,15 @@ def test_fast_engine_matches_tbparse_oracle(hf_file: Path) -> None:
 
 
 def test_tbparse_engine_gives_identical_rows(hf_file: Path) -> None:
-    fast = read_tensorboard([hf_file], run="r", engine="fast")
-    slow = read_tensorboard([hf_file], run="r", engine="tbparse")
+    fast = read_files("tensorboard", [hf_file], run="r", engine="fast")
+    slow = read_files("tensorboard", [hf_file], run="r", engine="tbparse")
     _same(fast, slow)
     assert run_info(fast).config == run_info(slow).config
 
 
 def test_scalar_tensors_of_every_encoding(tmp_path: Path) -> None:
     path, expected = write_tensor_scalars(tmp_path / "t")
-    frame = read_tensorboard([path], run="t")
+    frame = read_files("tensorboard", [path], run="t")
     for tag, value in expected.items():
         got = frame.loc[frame["raw_metric"] == tag, "value"].to_numpy()
         assert len(got) == 2
@@ -91,7 +93,7 @@ def test_scalar_tensors_of_every_encoding(tmp_path: Path) -> None:
 
 
 def test_text_summaries_become_config(hf_file: Path) -> None:
-    info = run_info(read_tensorboard([hf_file], run="r"))
+    info = run_info(read_files("tensorboard", [hf_file], run="r"))
     for key, value in HF_ARGS.items():
         assert info.config[key] == value
     assert info.config["model"]["vocab_size"] == HF_MODEL["vocab_size"]
@@ -237,7 +239,7 @@ def test_fast_decode_edge_shapes_match_tbparse(tmp_path: Path) -> None:
     assert path.stat().st_size > 1 << 16
     import tbparse
 
-    fast = read_tensorboard([path], run="r", engine="fast")
+    fast = read_files("tensorboard", [path], run="r", engine="fast")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oracle = tbparse.SummaryReader(str(path), pivot=False, extra_columns={"wall_time"}).scalars
@@ -276,11 +278,11 @@ def _copy(src: Path, dst_dir: Path) -> Path:
 
 
 def test_truncated_last_record_is_salvaged(hf_file: Path, tmp_path: Path) -> None:
-    intact = read_tensorboard([hf_file], run="r")
+    intact = read_files("tensorboard", [hf_file], run="r")
     path = _copy(hf_file, tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[:-7])  # the crash cut the last record mid-write
-    frame = read_tensorboard([path], run="r")
+    frame = read_files("tensorboard", [path], run="r")
     info = run_info(frame)
     assert len(frame) == len(intact) - 1  # every record but the cut one
     _same(frame, intact.iloc[: len(intact)].loc[lambda f: ~((f["raw_metric"] == "train/big_step"))])
@@ -297,13 +299,13 @@ def test_flipped_data_byte_skips_only_that_record(hf_file: Path, tmp_path: Path)
     data[int(rec.data_start[k]) + 3] ^= 0x40  # inside the event: the data CRC fails, the length CRC holds
     path = _copy(hf_file, tmp_path)
     path.write_bytes(bytes(data))
-    intact = read_tensorboard([hf_file], run="r")
-    frame = read_tensorboard([path], run="r")
+    intact = read_files("tensorboard", [hf_file], run="r")
+    frame = read_files("tensorboard", [path], run="r")
     assert len(frame) == len(intact) - 1
     (damage,) = run_info(frame).damage
     assert "data CRC mismatch" in damage.problem and damage.offset == int(rec.data_start[k]) - 12
     for engine in ("tbparse",):  # the reference engine reads the same file without raising
-        assert read_tensorboard([path], run="r", engine=engine).attrs["runs"]["r"].damage
+        assert run_info(read_files("tensorboard", [path], run="r", engine=engine), "r").damage
 
 
 def test_flipped_length_byte_keeps_everything_before(hf_file: Path, tmp_path: Path) -> None:
@@ -336,7 +338,7 @@ def test_unreadable_files_are_damage_not_crash(tmp_path: Path, content: bytes) -
 
 def test_unknown_engine_is_a_usage_error(hf_file: Path) -> None:
     with pytest.raises(autopsy.errors.UsageError, match="engine"):
-        read_tensorboard([hf_file], run="r", engine="rust")
+        read_files("tensorboard", [hf_file], run="r", engine="rust")
 
 
 # --- layouts ---------------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ def test_real_cases_load_and_analyze(case: str) -> None:
     frame = autopsy.load(REAL_LOGS / case)
     report = autopsy.analyze(frame)
     assert not [e for r in report.runs for e in getattr(r, "errors", [])]
-    tb_runs = [i for i in frame.attrs["runs"].values() if "tensorboard" in i.sources]
+    tb_runs = [i for i in catalog(frame).values() if "tensorboard" in i.sources]
     assert tb_runs
     for info in tb_runs:
         rows = frame[frame["run"] == info.name]
@@ -440,7 +442,7 @@ def test_real_cases_load_and_analyze(case: str) -> None:
 def test_real_smalltalk_layout() -> None:
     needs_shared(REAL_LOGS / "smalltalk-codegen")
     frame = autopsy.load(REAL_LOGS / "smalltalk-codegen" / "logs")
-    runs = frame.attrs["runs"]
+    runs = catalog(frame)
     assert len(runs) == 11
     header_only = [i for i in runs.values() if any("header only" in n for n in i.notes)]
     assert len(header_only) == 6
@@ -454,7 +456,7 @@ def test_real_llms_final_config_and_curves() -> None:
     needs_shared(REAL_LOGS / "llms-final-output-runs")
     frame = autopsy.load(REAL_LOGS / "llms-final-output-runs")
     name = "Dec07_12-38-05_autodl-container-257040b67c-0bc917ee"
-    info = frame.attrs["runs"][name]
+    info = run_info(frame, name)
     assert info.config["learning_rate"] > 0 and info.config["model"]
     ev = series(frame[frame["run"] == name], "eval/loss")
     assert ev.idxmin() == 200 and ev.min() == pytest.approx(1.0518, abs=1e-3)  # SOURCES.md

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import autopsy
-from autopsy.frame import COLUMNS, run_info, series
-from autopsy.importers.trainer_state import read_trainer_state
+from autopsy.frame import COLUMNS
+from autopsy.importers import read_files
+from autopsy.runinfo import run_info
+from autopsy.series import series
 
 
 def test_real_nan_run_keeps_nan_and_zero(nan_run):
@@ -39,7 +41,7 @@ def test_run_metadata_from_state_and_training_args(nan_run):
 def test_checkpoint_histories_merge_without_double_counting(nan_run):
     files = sorted(nan_run.glob("**/trainer_state.json"))
     assert len(files) == 7
-    frame = read_trainer_state(files, run="r")
+    frame = read_files("trainer_state", files, run="r")
     live = frame[~frame["superseded"]]
     assert not live.duplicated(["metric", "step"]).any()
     assert series(frame, "train/loss").index.max() == 60

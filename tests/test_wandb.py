@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -13,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.paths import REAL_LOGS, needs_shared
+from helpers.wandb_runs import nan151_rows, write_runs
 
-from _wandb_support import nan151_rows, write_runs
 from autopsy.errors import AutopsyError
-from autopsy.frame import run_info, series
-from autopsy.importers import load
+from autopsy.importers import load, read_files
 from autopsy.importers._leveldb_log import BLOCK_SIZE, read_log
 from autopsy.importers.discover import find_runs
-from autopsy.importers.wandb import from_api_run, read_wandb, read_wandb_export
-from _paths import REAL_LOGS, needs_shared
+from autopsy.importers.wandb_api import from_api_run
+from autopsy.runinfo import catalog, run_info
+from autopsy.series import series
 
 HF_CONFIG = {"max_steps": 200, "logging_steps": 1, "eval_steps": 25, "save_steps": 50, "learning_rate": 1e-3,
              "max_grad_norm": 1.0, "logging_nan_inf_filter": True, "num_train_epochs": 1}
@@ -166,8 +166,8 @@ def _real_wandb_files() -> list[Path]:
 
 @pytest.mark.parametrize("path", _real_wandb_files(), ids=lambda p: p.name)
 def test_every_real_wandb_file_loads_or_reports(path: Path) -> None:
-    frame = read_wandb([path], run="r")
-    info = frame.attrs["runs"]["r"]
+    frame = read_files("wandb", [path], run="r")
+    info = run_info(frame, "r")
     assert len(frame) > 0 or info.damage or info.exit_code is not None or info.notes
     for d in info.damage:
         assert d.file == str(path) and "\n" not in d.problem
@@ -190,12 +190,12 @@ def test_real_files_known_contents() -> None:
     klue = load(REAL_LOGS / "korean-re-klue" / "wandb" / "run-20221125_150848-28b1fgqy")
     assert series(klue, "val_klue_re_auprc").isna().any() and run_info(klue).exit_code == 255
     # 0.10.32: old record types; 11 history rows on W&B's _step axis (227-237), no global step logged
-    old = read_wandb(sorted((REAL_LOGS / "healthy-data-diet").rglob("*.wandb")), run="old")
-    assert old["step"].min() == 227 and old["step"].max() == 237 and old.attrs["runs"]["old"].exit_code == 0
+    old = read_files("wandb", sorted((REAL_LOGS / "healthy-data-diet").rglob("*.wandb")), run="old")
+    assert old["step"].min() == 227 and old["step"].max() == 237 and run_info(old, "old").exit_code == 0
     val = series(old, "validation_accuracy")  # the classifier collapsed to the majority class
     assert list(val.index) == [229, 231, 233, 235, 237] and np.allclose(val.to_numpy(), 0.7325892857)
-    empty = read_wandb(sorted((REAL_LOGS / "cifar-resnet-kang346").rglob("run-i38ys44d.wandb")), run="e")
-    assert empty.attrs["runs"]["e"].damage[0].problem == "empty file (0 bytes)"
+    empty = read_files("wandb", sorted((REAL_LOGS / "cifar-resnet-kang346").rglob("run-i38ys44d.wandb")), run="e")
+    assert run_info(empty, "e").damage[0].problem == "empty file (0 bytes)"
 
 
 def test_synced_dir_without_wandb_file_gives_config_and_summary() -> None:
@@ -261,7 +261,7 @@ def test_parquet_history_export(tmp_path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.table({k: pa.array([r.get(k) for r in rows], type=pa.float64()) for k in keys})  # absent -> null
     pq.write_table(table, tmp_path / "run-abc-history.parquet")
-    frame = read_wandb_export([tmp_path / "run-abc-history.parquet"], run="abc")
+    frame = read_files("wandb_export", [tmp_path / "run-abc-history.parquet"], run="abc")
     grad, ev = series(frame, "train/grad_norm"), series(frame, "eval/loss")
     assert len(grad) == 200 and grad.loc[151:].isna().all() and grad.loc[:150].notna().all()
     assert list(ev.index) == list(range(25, 201, 25))  # nulls (not logged) dropped, NaN (logged) kept
@@ -277,19 +277,19 @@ def test_ui_csv_export_takes_plain_columns(tmp_path: Path) -> None:
     text[11] = "10,NaN,NaN,NaN"  # a NaN the UI wrote
     text[21] = "20,,,"  # not logged at that step
     (tmp_path / "export.csv").write_text("\n".join(text) + "\n")
-    frame = read_wandb_export([tmp_path / "export.csv"], run="export")
+    frame = read_files("wandb_export", [tmp_path / "export.csv"], run="export")
     s = series(frame, "train/loss")
     assert len(s) == 49 and 20 not in s.index and np.isnan(s.loc[10])
     assert s.loc[30] == pytest.approx(2.0 - 30 / 50)  # the plain column, not __MIN/__MAX
     # several runs in one export: one run each
     csv2 = pd.DataFrame({"Step": steps, "a - train/loss": loss, "b - train/loss": loss * 2})
     csv2.to_csv(tmp_path / "two.csv", index=False)
-    two = read_wandb_export([tmp_path / "two.csv"], run="two")
-    assert set(two["run"]) == {"a", "b"} and set(two.attrs["runs"]) >= {"a", "b"}
+    two = read_files("wandb_export", [tmp_path / "two.csv"], run="two")
+    assert set(two["run"]) == {"a", "b"} and set(catalog(two)) >= {"a", "b"}
     # a CSV that is not a metrics export is noted, not an error
     (tmp_path / "data.csv").write_text("text,label\nhello,1\n")
-    other = read_wandb_export([tmp_path / "data.csv"], run="d")
-    assert other.empty and "not a metrics export" in other.attrs["runs"]["d"].notes[0]
+    other = read_files("wandb_export", [tmp_path / "data.csv"], run="d")
+    assert other.empty and "not a metrics export" in run_info(other, "d").notes[0]
 
 
 # --- a real HF Trainer with report_to=["wandb"] ----------------------------------------------------
@@ -301,7 +301,7 @@ def hf_wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     after step 30. In a subprocess, so that wandb's global state stays out of the test process."""
     import os
 
-    from _paths import FIXTURES
+    from helpers.paths import FIXTURES
 
     base = tmp_path_factory.mktemp("hfwandb")
     code = ("import sys, tinyllama; tinyllama.train(sys.argv[1], max_steps=40, learning_rate=5e-4, plant_inf_at=30, "
@@ -315,8 +315,8 @@ def hf_wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_real_trainer_wandb_callback(hf_wandb_run: Path) -> None:
-    frame = read_wandb([_log_file(hf_wandb_run)], run="hf")
-    info = frame.attrs["runs"]["hf"]
+    frame = read_files("wandb", [_log_file(hf_wandb_run)], run="hf")
+    info = run_info(frame, "hf")
     assert info.max_steps == 40 and info.eval_steps == 10 and info.config["logging_nan_inf_filter"] is True
     assert (info.exit_code, info.finished) == (0, True) and "train_runtime" in info.summary
     grad, loss = series(frame, "train/grad_norm"), series(frame, "train/loss")

@@ -24,7 +24,8 @@ import numpy as np
 
 from autopsy import analyze
 from autopsy.findings import Severity
-from autopsy.frame import RunInfo, make_frame
+from autopsy.runinfo import RunInfo, attach_runs, run_info
+from autopsy.frame import make_frame
 from autopsy.synth import FAILURES, SHAPES, make_run
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +72,7 @@ def speed(repeats: int = 3) -> dict[str, float]:
             3 * t, 2.1 + np.exp(-5 * t), 5000 + rng.normal(size=n), 1e10 + rng.normal(size=n), t, t, np.full(n, 65536.0)]
     frame = make_frame(run="big", source="bench", metric=np.repeat(np.array(names, dtype=object), n),
                        step=np.tile(steps, len(names)), value=np.concatenate(vals))
-    frame.attrs["runs"] = {"big": RunInfo(name="big", config={"max_grad_norm": 1.0, "learning_rate": 1e-4}, max_steps=n)}
+    attach_runs(frame, {"big": RunInfo(name="big", config={"max_grad_norm": 1.0, "learning_rate": 1e-4}, max_steps=n)})
     times, det_times = [], collections.defaultdict(list)
     from autopsy.detectors import registered
 
@@ -85,7 +86,7 @@ def speed(repeats: int = 3) -> dict[str, float]:
         sub.attrs = frame.attrs
         for spec in registered().values():
             t1 = time.perf_counter()
-            spec.func(sub, info=frame.attrs["runs"]["big"]) if "info" in spec.func.__code__.co_varnames else spec.func(sub)
+            spec.run(sub, run_info(frame, "big"))
             det_times[spec.name].append(time.perf_counter() - t1)
     out = {"analyze_total_s": statistics.median(times)}
     out.update({f"detector:{k}": statistics.median(v) for k, v in det_times.items()})

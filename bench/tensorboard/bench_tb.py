@@ -73,13 +73,14 @@ def child(engine: str, path: Path, dump: Path | None) -> None:
         load = time.perf_counter() - t0
         tag, step, value, wall = df["tag"].astype(str).to_numpy(), df["step"].to_numpy(), df["value"].to_numpy(), df["wall_time"].to_numpy()
     else:
-        from autopsy.importers.tensorboard import read_tensorboard
 
         import pandas  # noqa: F401 - imports are not part of the load
+
+        from autopsy.importers import read_files
         import tensorboard.compat.proto.event_pb2  # noqa: F401
 
         t0 = time.perf_counter()
-        frame = read_tensorboard([path], run="bench", engine=engine)
+        frame = read_files("tensorboard", [path], run="bench", engine=engine)
         load = time.perf_counter() - t0
         # HF's end-of-run entries go to the summary in autopsy; the bench file has none
         tag, step, value, wall = (frame["raw_metric"].astype(str).to_numpy(), frame["step"].to_numpy(),

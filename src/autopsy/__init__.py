@@ -10,13 +10,14 @@ the functions that need them.
 
 from __future__ import annotations
 
+from autopsy._version import __version__
 from autopsy.analysis import analyze
 from autopsy.errors import AutopsyError
 from autopsy.findings import Finding, Report, RunReport, Severity, findings_to_frame
-from autopsy.frame import RunInfo, run_info, series, validate_frame, wide
+from autopsy.frame import validate_frame
 from autopsy.importers import load
-
-__version__ = "0.1.0"
+from autopsy.runinfo import RunInfo, run_info
+from autopsy.series import series, wide
 
 __all__ = [
     "AutopsyError",

@@ -1,129 +1,140 @@
-"""analyze(frame) -> Report: run every applicable detector on every run, collect skips and errors."""
+"""analyze(frame) -> Report: run every applicable detector on every run, collect skips and errors.
+
+The selection (``select``/``ignore``) and the parameters are checked against the registry before any run is
+touched, so a typo is a one-line :class:`~autopsy.errors.UsageError`, never a half-made report.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from autopsy._version import __version__
 from autopsy.detectors._registry import DetectorSpec, registered
 from autopsy.errors import UsageError
 from autopsy.findings import Finding, Report, RunReport, Severity
-from autopsy.frame import RunInfo, run_info, runs_of, validate_frame
+from autopsy.frame import validate_frame
+from autopsy.postprocess import postprocess
+from autopsy.runinfo import RunInfo, catalog
+from autopsy.series import metric_names, runs_of
+from autopsy.signatures import SIGNATURES
 
-__all__ = ["analyze", "analyze_run"]
+__all__ = ["Plan", "analyze", "analyze_run", "make_plan", "split_runs"]
 
 
-def _wanted(spec: DetectorSpec, select: set[str] | None, ignore: set[str]) -> list[str] | None:
+@dataclass(frozen=True)
+class Plan:
+    """Which detectors run, which of their signatures are kept, and with which parameters (checked)."""
+
+    detectors: tuple[tuple[DetectorSpec, tuple[str, ...], dict[str, Any]], ...]
+    keep_damage: bool = True
+
+
+def _wanted(spec: DetectorSpec, select: set[str] | None, ignore: set[str]) -> tuple[str, ...] | None:
     """The signatures of ``spec`` to keep (None = skip the detector entirely)."""
     sigs = [s for s in spec.signatures if s not in ignore]
     if spec.name in ignore or not sigs:
         return None
-    if select is not None:
-        if spec.name in select:
-            return sigs
+    if select is not None and spec.name not in select:
         sigs = [s for s in sigs if s in select]
-        if not sigs:
-            return None
-    return sigs
+    return tuple(sigs) or None
 
 
-def _check_names(names: Iterable[str], what: str) -> None:
-    from autopsy.signatures import SIGNATURES
-
-    reg = registered()
-    known = set(reg) | set(SIGNATURES) | {s for spec in reg.values() for s in spec.signatures}
-    for n in names:
-        if n not in known:
-            raise UsageError(f"unknown signature or detector {n!r} in {what}; `autopsy detectors` lists them")
-
-
-def _params_for(spec: DetectorSpec, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-detector overrides: {"detector.param": v} or {"detector": {"param": v}} or {"param": v} (any detector)."""
-    out: dict[str, Any] = {}
+def _split_params(params: Mapping[str, Any], reg: Mapping[str, DetectorSpec]) -> dict[str, dict[str, Any]]:
+    """``{"detector.param": v}``, ``{"detector": {"param": v}}`` or ``{"param": v}`` (every detector that has it),
+    checked against the registry and converted to the parameters' annotated types."""
+    raw: dict[str, dict[str, Any]] = {}
     for key, value in params.items():
-        if isinstance(value, Mapping) and key == spec.name:
-            out.update(value)
+        if isinstance(value, Mapping) and key in reg:
+            raw.setdefault(key, {}).update(value)
         elif "." in key:
             det, _, name = key.partition(".")
-            if det == spec.name:
-                out[name] = value
-        elif key in spec.params:
-            out[key] = value
-    unknown = [k for k in out if k not in spec.params]
-    if unknown:
-        raise UsageError(f"detector {spec.name} has no parameter {unknown[0]!r}; it takes: {', '.join(spec.params) or 'none'}")
-    return out
+            if det not in reg:
+                raise UsageError(f"unknown detector {det!r} in parameter {key!r}; `autopsy detectors` lists them")
+            raw.setdefault(det, {})[name] = value
+        else:
+            owners = [spec.name for spec in reg.values() if key in spec.params]
+            if not owners:
+                raise UsageError(f"no detector has a parameter {key!r}; name it as DETECTOR.PARAM")
+            for det in owners:
+                raw.setdefault(det, {})[key] = value
+    return {det: reg[det].check_params(values) for det, values in raw.items()}
+
+
+def make_plan(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
+              params: Mapping[str, Any] | None = None) -> Plan:
+    """Check the selection and parameters against the registry; a :class:`UsageError` names what is wrong."""
+    reg = registered()
+    sel = set(select) if select else None
+    ign = set(ignore or ())
+    known = set(reg) | set(SIGNATURES)
+    for name in (sel or set()) | ign:
+        if name not in known:
+            raise UsageError(f"unknown signature or detector {name!r} in --select/--ignore; `autopsy detectors` lists them")
+    checked = _split_params(params or {}, reg)
+    chosen = []
+    for spec in reg.values():
+        sigs = _wanted(spec, sel, ign)
+        if sigs is not None:
+            chosen.append((spec, sigs, checked.get(spec.name, {})))
+    keep_damage = (sel is None or "source_damaged" in sel) and "source_damaged" not in ign
+    return Plan(detectors=tuple(chosen), keep_damage=keep_damage)
 
 
 def _damage_findings(info: RunInfo) -> list[Finding]:
     out = []
     for d in info.damage:
-        where = f" at offset {d.offset}" if d.offset is not None else ""
-        out.append(
-            Finding(
-                signature="source_damaged",
-                severity=Severity.WARNING,
-                summary=f"{os.path.basename(d.file)}: {d.problem}{where}; salvaged {d.salvaged or 'nothing'}",
-                evidence={"file": d.file, "offset": d.offset, "problem": d.problem, "salvaged": d.salvaged},
-                cause="the file was cut off or corrupted (a crash or kill mid-write, a partial copy)",
-                fix="the diagnosis uses what was read; recover the file from the job's storage if the lost part matters",
-                detector="importer",
-            )
-        )
+        where = f" at offset {d.offset}" if d.offset is not None and f"offset {d.offset}" not in d.problem else ""
+        out.append(Finding(
+            signature="source_damaged", severity=Severity.WARNING,
+            summary=f"{os.path.basename(d.file)}: {d.problem}{where}; salvaged {d.salvaged or 'nothing'}",
+            evidence={"file": d.file, "offset": d.offset, "problem": d.problem, "salvaged": d.salvaged},
+            cause="the file was cut off or corrupted (a crash or kill mid-write, a partial copy)",
+            fix="the diagnosis uses what was read; recover the file from the job's storage if the lost part matters",
+            detector="importer"))
     return out
 
 
-def analyze_run(
-    frame: pd.DataFrame,
-    info: RunInfo,
-    *,
-    select: set[str] | None = None,
-    ignore: set[str] | None = None,
-    params: Mapping[str, Any] | None = None,
-) -> RunReport:
-    """Run the detectors on the frame of one run."""
-    ignore = ignore or set()
-    params = params or {}
-    report = RunReport(run=info.name, path=info.path, sources=list(info.sources), config=dict(info.config), frame=frame, info=info)
-    from autopsy.detectors._common import metric_names
-
-    metrics = set(metric_names(frame)) if len(frame) else set()  # one pass, shared with the detectors
+def analyze_run(frame: pd.DataFrame, info: RunInfo, plan: Plan | None = None) -> RunReport:
+    """Run the planned detectors on the frame of one run."""
+    plan = plan or make_plan()
+    report = RunReport(run=info.name, path=info.path, sources=list(info.sources), config=dict(info.config),
+                       frame=frame, info=info)
+    metrics = metric_names(frame)
     findings: list[Finding] = []
-    for spec in registered().values():
-        sigs = _wanted(spec, select, ignore)
-        if sigs is None:
-            continue
-        missing = [m for m in spec.requires if m not in metrics]
-        if spec.requires_any and not any(m in metrics for m in spec.requires_any):
-            missing.append(" or ".join(spec.requires_any))
+    for spec, sigs, params in plan.detectors:
+        missing = spec.missing(metrics)
         if missing:
             report.skipped.append({"detector": spec.name, "reason": f"no {', '.join(missing)} in this run"})
             continue
-        kwargs = _params_for(spec, params)
-        if "info" in spec.func.__code__.co_varnames[: spec.func.__code__.co_argcount + spec.func.__code__.co_kwonlyargcount]:
-            kwargs["info"] = info
-        try:
-            got = spec.func(frame, **kwargs) or []
-        except Exception as exc:  # noqa: BLE001 - a detector that crashes is an error entry, the others still run
-            report.errors.append({"detector": spec.name, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        for f in got:
-            if f.signature not in sigs:
-                continue
-            f.detector = f.detector or spec.name
-            f.run = info.name
-            findings.append(f)
-    if (select is None or "source_damaged" in select) and "source_damaged" not in ignore:
-        for f in _damage_findings(info):
-            f.run = info.name
-            findings.append(f)
-    from autopsy.postprocess import postprocess
-
-    report.findings = postprocess(findings, frame, info)
+        outcome = spec.run(frame, info, params)
+        report.errors.extend({"detector": spec.name, "error": e} for e in outcome.errors)
+        findings.extend(f for f in outcome.findings if f.signature in sigs)
+    if plan.keep_damage:
+        findings.extend(_damage_findings(info))
+    for f in findings:
+        f.run = info.name
+    report.findings = postprocess(findings)
     return report
+
+
+def split_runs(frame: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, RunInfo]]:
+    """Each run of a frame with its :class:`RunInfo`, in order of appearance; one grouping pass for all runs."""
+    cat = catalog(frame)
+    names = runs_of(frame)
+    if len(names) == 1:
+        yield frame, cat.get(names[0]) or RunInfo(name=names[0])  # no per-run take of a 10M-row frame
+        return
+    positions = frame.groupby("run", observed=True, sort=False).indices if len(frame) else {}
+    for name in names:
+        pos = positions.get(name)
+        sub = frame.take(pos) if pos is not None else frame.iloc[np.empty(0, dtype=np.int64)]
+        yield sub, cat.get(name) or RunInfo(name=name)
 
 
 def analyze(
@@ -138,36 +149,10 @@ def analyze(
     ``select``/``ignore`` take signature ids or detector names; ``params`` overrides detector
     parameters (``{"clip_saturation.share": 0.7}``).
     """
-    from autopsy import __version__
-
+    plan = make_plan(select, ignore, params)
     if not isinstance(data, pd.DataFrame):
         from autopsy.importers import load
 
         data = load(data)
     frame = validate_frame(data)
-    sel = set(select) if select else None
-    ign = set(ignore or ())
-    _check_names((sel or set()) | ign, "--select/--ignore")
-    report = Report(version=__version__)
-    names = _run_names(frame)
-    for name in names:
-        if len(names) == 1:
-            # one run: no per-run mask (a 10M-row take); a shallow copy to carry this run's attrs
-            sub = frame.copy(deep=False)
-        else:
-            sub = frame[(frame["run"] == name).to_numpy()]
-        sub.attrs = {"runs": {name: run_info(frame, name)}}
-        report.runs.append(analyze_run(sub, run_info(frame, name), select=sel, ignore=ign, params=params))
-    return report
-
-
-def _run_names(frame: pd.DataFrame) -> list[str]:
-    """The run names in order of appearance, plus runs known only from metadata (as :func:`runs_of`, faster)."""
-    if not len(frame):
-        return runs_of(frame)
-    codes, uniq = pd.factorize(frame["run"])  # keeps the order of appearance; no 10M-element tolist
-    names = [str(u) for u in uniq]
-    for name in frame.attrs.get("runs", {}):
-        if name not in names:
-            names.append(name)
-    return names
+    return Report(runs=[analyze_run(sub, info, plan) for sub, info in split_runs(frame)], version=__version__)

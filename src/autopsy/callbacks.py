@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from autopsy._optional import require
+from autopsy.recording import LOSSES, batch_file, record_dir, weights_dir
 
 __all__ = ["AutopsyCallback"]
 
@@ -88,7 +89,7 @@ class AutopsyCallback(_transformers.TrainerCallback):
 
     # trainer events -------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._dir = Path(self.output_dir or args.output_dir) / "autopsy"
+        self._dir = record_dir(self.output_dir or args.output_dir)
         save_steps = getattr(args, "save_steps", None)
         strategy = str(getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", "")))
         if strategy == "steps" and isinstance(save_steps, (int, float)) and save_steps >= 1 and self.keep_last < save_steps:
@@ -156,7 +157,7 @@ class AutopsyCallback(_transformers.TrainerCallback):
         if not self._pending or self._dir is None:
             return
         self._dir.mkdir(parents=True, exist_ok=True)
-        with (self._dir / "losses.jsonl").open("a", encoding="utf-8") as fh:
+        with (self._dir / LOSSES).open("a", encoding="utf-8") as fh:
             for rec in self._pending:
                 fh.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in rec.items()}) + "\n")
         self._pending = []
@@ -174,11 +175,11 @@ class AutopsyCallback(_transformers.TrainerCallback):
                 "grad_norm": str(cur.get("grad_norm")), "rng_step": str(cur["step"]),
                 "last_checkpoint_step": "" if self.last_checkpoint_step is None else str(self.last_checkpoint_step)}
         step_rng = {s["step"]: s["rng"] for s in self.steps if s["micro"]}
-        path = save_batches(self._dir / f"batches-step-{step}.safetensors", batches, metadata=meta, rng=cur["rng"], step_rng=step_rng)
+        path = save_batches(batch_file(self._dir.parent, step), batches, metadata=meta, rng=cur["rng"], step_rng=step_rng)
         self.dumps.append(path)
         return path
 
     def _save_weights(self, model: Any, step: int) -> None:
-        target = self._dir / f"weights-before-step-{step}"
+        target = weights_dir(self._dir.parent, step)
         inner = getattr(model, "module", model)
         inner.save_pretrained(str(target), safe_serialization=True)

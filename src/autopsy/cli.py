@@ -20,13 +20,12 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_state: dict[str, Any] = {"debug": False}
 _EXT_FORMAT = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html", ".txt": "console"}
 
 
 def _version(value: bool) -> None:
     if value:
-        from autopsy import __version__
+        from autopsy._version import __version__
 
         typer.echo(f"autopsy {__version__}")
         raise typer.Exit(0)
@@ -37,30 +36,17 @@ def _main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (for bug reports).")] = False,
 ) -> None:
-    _state["debug"] = debug
+    """Postmortem of a training run: what went wrong, at which step, why, and the fix."""
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_params(items: list[str]) -> dict[str, str]:
+    """``DETECTOR.NAME=VALUE`` pairs; the values stay text: the registry converts each to its parameter's type."""
+    out: dict[str, str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise UsageError(f"--param takes DETECTOR.NAME=VALUE, got {item!r}")
-        value: Any = raw
-        low = raw.lower()
-        if low in ("true", "false"):
-            value = low == "true"
-        elif low in ("none", "null"):
-            value = None
-        else:
-            try:
-                value = int(raw)
-            except ValueError:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = raw
-        out[key.strip()] = value
+        out[key.strip()] = raw.strip()
     return out
 
 
@@ -68,7 +54,7 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
-def _emit(text: str, out: Path | None, fmt: str) -> None:
+def _emit(text: str, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
         return
@@ -89,7 +75,9 @@ def _pick_format(fmt: str | None, out: Path | None) -> str:
             raise UsageError(f"unknown format {fmt!r}: use console, markdown, json or html")
         return f
     if out is not None:
-        return _EXT_FORMAT.get(out.suffix.lower(), "console")
+        if out.suffix.lower() not in _EXT_FORMAT:
+            raise UsageError(f"--out {out}: unknown extension {out.suffix or '(none)'!r}; use .html, .md, .json or .txt, or pass --format")
+        return _EXT_FORMAT[out.suffix.lower()]
     return "console"
 
 
@@ -132,12 +120,16 @@ def analyze(
 ) -> None:
     """Diagnose one or more training runs from the logs they left behind."""
     from autopsy.analysis import analyze as run_analyze
+    from autopsy.analysis import make_plan
     from autopsy.findings import Report, Severity
     from autopsy.frame import concat_frames
-    from autopsy.importers import load
+    from autopsy.importers import ReadOptions, load
 
     fmt = _pick_format(format, out)
     level = Severity.parse(fail_on) if fail_on else None
+    chosen, dropped, params = _split(select) or None, _split(ignore), _parse_params(param or [])
+    make_plan(chosen, dropped, params)  # every flag checked before any file is read
+    ReadOptions(engine=engine)
     frames = []
     for p in paths:
         spec = str(p)
@@ -147,10 +139,10 @@ def analyze(
             frames.append(load(spec if spec.startswith("wandb:") else p, engine=engine))
     frame = concat_frames(frames) if len(frames) > 1 else frames[0]
     with _progress("diagnosing ..."):
-        report: Report = run_analyze(frame, select=_split(select) or None, ignore=_split(ignore), params=_parse_params(param or []))
+        report: Report = run_analyze(frame, select=chosen, ignore=dropped, params=params)
     with _progress(f"writing the {fmt} report ..."):
         text = _render(report, fmt, out, plots=not no_plots, verbose=verbose)
-    _emit(text, out, fmt)
+    _emit(text, out)
     if level is not None and report.reaches(level):
         raise typer.Exit(1)
 
@@ -173,7 +165,7 @@ def replay(
     fmt = _pick_format(format, out)
     level = Severity.parse(fail_on) if fail_on else None
     report = run_replay(checkpoint, batch=batch, base=base, device=device, from_checkpoint=from_checkpoint)
-    _emit(_render(report, fmt, out, plots=False), out, fmt)
+    _emit(_render(report, fmt, out, plots=False), out)
     if level is not None and report.reaches(level):
         raise typer.Exit(1)
 
@@ -187,7 +179,7 @@ def detectors(
 
     specs = [get_detector(name)] if name else list(registered().values())
     for spec in specs:
-        params = ", ".join(f"{k}={v!r}" for k, v in spec.params.items()) or "none"
+        params = ", ".join(f"{k}: {p.type_name} = {p.default!r}" for k, p in spec.params.items()) or "none"
         needs = ", ".join(spec.requires) or (" or ".join(spec.requires_any)) or "-"
         typer.echo(f"{spec.name}  [{', '.join(spec.signatures)}]")
         typer.echo(f"    needs: {needs}")

@@ -5,7 +5,16 @@ The CLI turns each into one line on stderr and exit code 2 (``--debug`` shows th
 
 from __future__ import annotations
 
-__all__ = ["AutopsyError", "InputError", "MissingDependencyError", "UnreadableError", "UsageError"]
+__all__ = [
+    "AutopsyError",
+    "first_line",
+    "FrameError",
+    "InputError",
+    "MissingDependencyError",
+    "RegistrationError",
+    "UnreadableError",
+    "UsageError",
+]
 
 
 class AutopsyError(Exception):
@@ -28,3 +37,18 @@ class UnreadableError(AutopsyError):
 
 class MissingDependencyError(AutopsyError):
     """An optional dependency is needed for this input or command."""
+
+
+class FrameError(AutopsyError):
+    """A frame handed to autopsy does not have the canonical shape."""
+
+
+class RegistrationError(AutopsyError, TypeError):
+    """A detector or importer was declared wrong (a duplicate name, a parameter without a default, an unknown
+    metric in ``requires``): raised when it is registered, at import time, never later."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

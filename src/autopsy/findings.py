@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["Finding", "Report", "RunReport", "Severity", "finding_order", "findings_to_frame"]
+from autopsy.signatures import lead_rank
+
+if TYPE_CHECKING:
+    from autopsy.runinfo import RunInfo
+
+__all__ = ["Finding", "Report", "RunReport", "Severity", "evidence_value", "finding_order", "findings_to_frame",
+           "json_number"]
 
 
-# Among findings of the same severity and step, the one that names the root of the failure leads the
-# report: a NaN grad norm explains the 0.0 loss that HF's NaN filter logs at the same step, not the reverse.
-_LEAD_ORDER = ("nonfinite_origin", "weights_nonfinite", "bad_batch", "crash", "nan_grad_norm", "nan_loss", "loss_zero_collapse",
-               "divergence", "loss_scale_collapse", "exploding_gradients")
+def finding_order(f: Finding) -> tuple[int, int, int, str]:
+    """The one sort key of findings: most severe first, then earliest step, then root causes before their
+    symptoms (the signature table's lead rank), then by id."""
+    return (-int(f.severity), f.step if f.step is not None else 1 << 62, lead_rank(f.signature), f.signature)
 
 
-def finding_order(f: Finding) -> tuple:
-    """Sort key: most severe first, then earliest step, then root causes before their symptoms."""
-    lead = _LEAD_ORDER.index(f.signature) if f.signature in _LEAD_ORDER else len(_LEAD_ORDER)
-    return (-int(f.severity), f.step if f.step is not None else 1 << 62, lead, f.signature)
+def json_number(value: Any) -> Any:
+    """A JSON-safe number: non-finite floats become "NaN", "Infinity", "-Infinity"; numpy scalars plain Python."""
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "Infinity" if v > 0 else "-Infinity"
+        return v
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evidence_value(x: Any) -> Any:
+    """A number for evidence: floats rounded to 6 significant digits, non-finite ones as strings."""
+    if isinstance(x, (float, np.floating)) and math.isfinite(float(x)):
+        return float(f"{float(x):.6g}")
+    return json_number(x)
 
 
 class Severity(enum.IntEnum):
@@ -93,7 +116,7 @@ class RunReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
-    info: Any = field(default=None, repr=False, compare=False)  # autopsy.frame.RunInfo
+    info: RunInfo | None = field(default=None, repr=False, compare=False)
 
     @property
     def worst(self) -> Severity | None:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for _reliability_support)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _counter import CASES_RUN  # noqa: E402
+from helpers.fuzz_counter import CASES_RUN
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001

@@ -12,33 +12,33 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
+from helpers.fuzz_counter import CASES_RUN
+from helpers.paths import SHARED
+from helpers.reliability import make_damaged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _counter import CASES_RUN
-from _reliability_support import has_module, make_damaged
-
 from autopsy.errors import AutopsyError
 from autopsy.frame import validate_frame
+from autopsy.importers import read_files
+from autopsy.runinfo import catalog
 
 NAN_RUN = make_damaged.NAN_RUN
-SHARED = Path(__file__).resolve().parents[3] / "shared"
 TIME_BOUND_S = 10.0  # one small file (<100 KB) per case: anything slower is a hang or a quadratic path
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-# kind -> (importer module, function, file name as the run dir holds it)
-IMPORTERS: dict[str, tuple[str, str, str]] = {
-    "trainer_state": ("autopsy.importers.trainer_state", "read_trainer_state", "trainer_state.json"),
-    "tensorboard": ("autopsy.importers.tensorboard", "read_tensorboard", "runs/x/events.out.tfevents.1.host"),
-    "wandb": ("autopsy.importers.wandb", "read_wandb", "wandb/run-20240101_000000-abcd1234/run-abcd1234.wandb"),
-    "wandb_export": ("autopsy.importers.wandb", "read_wandb_export", "wandb-history.csv"),
-    "console": ("autopsy.importers.console", "read_console", "train.log"),
+# importer kind -> the file name as a run dir holds it
+IMPORTERS: dict[str, str] = {
+    "trainer_state": "trainer_state.json",
+    "tensorboard": "runs/x/events.out.tfevents.1.host",
+    "wandb": "wandb/run-20240101_000000-abcd1234/run-abcd1234.wandb",
+    "wandb_export": "wandb-history.csv",
+    "console": "train.log",
 }
 
 
@@ -64,15 +64,6 @@ def _seed(kind: str) -> bytes:
     return df.to_csv(index=False).encode()
 
 
-def _reader(kind: str) -> Callable[..., pd.DataFrame]:
-    module, func, _ = IMPORTERS[kind]
-    if not has_module(module):
-        pytest.skip(f"{module} not in this build yet")
-    import importlib
-
-    return getattr(importlib.import_module(module), func)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
@@ -80,20 +71,19 @@ def workdir(tmp_path_factory) -> Path:
 
 def check_importer(kind: str, data: bytes, workdir: Path, counter: str) -> None:
     """The property: a valid canonical frame or a one-line AutopsyError, within the time bound."""
-    reader = _reader(kind)
-    path = workdir / kind / IMPORTERS[kind][2]
+    path = workdir / kind / IMPORTERS[kind]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     CASES_RUN[counter] += 1
     start = time.monotonic()
     try:
-        frame = reader([path], run="fuzz")
+        frame = read_files(kind, [path], run="fuzz")
     except AutopsyError as exc:
         assert str(exc) and "\n" not in str(exc).strip(), repr(exc)
     else:
         assert isinstance(frame, pd.DataFrame)
         validate_frame(frame)
-        assert "fuzz" in frame.attrs.get("runs", {})
+        assert "fuzz" in catalog(frame)
     took = time.monotonic() - start
     assert took < TIME_BOUND_S, f"{kind}: {took:.1f} s on {len(data)} bytes"
 

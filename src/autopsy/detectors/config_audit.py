@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import is_lora, metric_series
+from autopsy.runinfo import is_lora
+from autopsy.series import series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["config_risk"]
 
@@ -121,7 +122,7 @@ def config_risk(
                          f"save_steps about {max(1, max_steps // 10)}", explains=("crash", "abrupt_end", "divergence") + _NAN,
                          severity=Severity.INFO))
     # a risk that explains nothing here is still context; those marked standalone=False only matter as causes
-    loss = metric_series(frame, "train/loss") if len(frame) else pd.Series(dtype=float)
+    loss = series(frame, "train/loss") if len(frame) else pd.Series(dtype=float)
     if len(loss) and not np.isfinite(loss.to_numpy()).all():
         for f in out:
             f.evidence["run_has_nonfinite_loss"] = True

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import metric_names, metric_series
+from autopsy.series import metric_names, series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["insufficient_data"]
 
@@ -26,7 +26,7 @@ def insufficient_data(frame: pd.DataFrame, *, info: RunInfo | None = None, min_p
         return [Finding(signature="insufficient_data", severity=Severity.INFO, summary="no metric was logged for this run",
                         evidence={"rows": 0}, cause="the run stopped before its first log, or nothing was recorded",
                         fix="check the run's console log and logging_steps")]
-    loss = metric_series(frame, "train/loss")
+    loss = series(frame, "train/loss")
     finite = int(np.isfinite(loss.to_numpy()).sum())
     if finite >= min_points:
         return []

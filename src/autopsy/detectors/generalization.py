@@ -9,16 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import evidence_value, loss_metrics, metric_series, noise_scale, rl_objective
+from autopsy.findings import evidence_value
+from autopsy.metrics import loss_metrics
+from autopsy.series import metric_names, series
+from autopsy.detectors._stats import noise_scale
+from autopsy.detectors._context import rl_objective
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["eval_flat", "overfitting", "sparse_eval"]
 
 
 def _eval_metrics(frame: pd.DataFrame) -> list[str]:
-    return [m for m in loss_metrics(frame) if m.startswith("eval/")]
+    return [m for m in loss_metrics(metric_names(frame)) if m.startswith("eval/")]
 
 
 def _train_at(train: pd.Series, step: int, width: int) -> float | None:
@@ -49,10 +53,10 @@ def overfitting(
     What to check next: the best checkpoint (evidence: best_step, best_checkpoint); load_best_model_at_end; fewer
     epochs, more data, dropout/weight decay.
     """
-    train = metric_series(frame, "train/loss", finite=True)
+    train = series(frame, "train/loss", finite=True)
     out = []
     for metric in _eval_metrics(frame):
-        e = metric_series(frame, metric, finite=True)
+        e = series(frame, metric, finite=True)
         v = e.to_numpy(dtype=np.float64)
         steps = e.index.to_numpy()
         if v.size < min_points:
@@ -136,10 +140,10 @@ def eval_flat(
     """
     if rl_objective(frame, info):
         return []
-    train = metric_series(frame, "train/loss", finite=True)
+    train = series(frame, "train/loss", finite=True)
     out = []
     for metric in _eval_metrics(frame):
-        e = metric_series(frame, metric, finite=True)
+        e = series(frame, metric, finite=True)
         v = e.to_numpy(dtype=np.float64)
         if v.size < min_points or len(train) < 4:
             continue
@@ -199,10 +203,10 @@ def sparse_eval(
     What to check next: evaluate every 5-10% of training (eval_steps = max_steps / 10 to / 20).
     """
     evals = _eval_metrics(frame)
-    train = metric_series(frame, "train/loss")
+    train = series(frame, "train/loss")
     if not evals or len(train) < 2:
         return []
-    e = metric_series(frame, evals[0], finite=False)
+    e = series(frame, evals[0], finite=False)
     last = int(max(train.index[-1], e.index[-1] if len(e) else 0))
     total = int(info.max_steps) if info is not None and info.max_steps and info.max_steps > 0 else last
     gap = float(np.median(np.diff(e.index.to_numpy()))) if len(e) >= 2 else float(total)
@@ -212,7 +216,7 @@ def sparse_eval(
     wide_gap = total > 0 and gap > max_gap_share * total
     if not (few or wide_gap):
         return []
-    ep = metric_series(frame, "train/epoch", finite=True)
+    ep = series(frame, "train/epoch", finite=True)
     epochs = float(ep.iloc[-1]) if len(ep) else (float(info.num_train_epochs) if info is not None and info.num_train_epochs else 0.0)
     return [
         Finding(

@@ -9,19 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import (
-    assumed_max_grad_norm,
-    evidence_value,
-    metric_series,
-    minutes_between,
-    reduce_points,
-    runs_of_true,
-    settle_index,
-    warmup_end_step,
-)
+from autopsy.detectors._context import clip_threshold, warmup_end_step
+from autopsy.findings import evidence_value
+from autopsy.series import series
+from autopsy.detectors._evidence import minutes_between
+from autopsy.detectors._stats import reduce_points, runs_of_true, settle_index
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["clip_saturation", "exploding_gradients", "vanishing_gradients"]
 
@@ -35,7 +30,7 @@ def _post_warmup(frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how:
     an excerpt that starts mid-run (a log pasted from step 35496) or a run whose first norms are already settled keeps
     every point, which matters when it has only 6-10 of them.
     """
-    s = reduce_points(metric_series(frame, metric, finite=True), max_points=50_000, how=how)
+    s = reduce_points(series(frame, metric, finite=True), max_points=50_000, how=how)
     steps = s.index.to_numpy()
     wu = warmup_end_step(frame, info)
     i_wu = settle_index(steps, wu, early_share=0.0, min_skip=0) if wu else 0
@@ -106,7 +101,7 @@ def exploding_gradients(
         minutes = minutes_between(frame, "train/grad_norm", int(steps[climb]), int(steps[first]))
         if minutes is not None:
             evidence["climb_minutes"] = minutes
-    max_norm, _ = assumed_max_grad_norm(info, frame)
+    max_norm, _ = clip_threshold(frame, info)
     evidence["max_grad_norm"] = max_norm
     return [
         Finding(
@@ -144,8 +139,8 @@ def vanishing_gradients(
     all masked.
     What to check next: the count of trainable parameters; that the adapter wraps the model; requires_grad.
     """
-    g = metric_series(frame, "train/grad_norm", finite=True)
-    loss = metric_series(frame, "train/loss", finite=True)
+    g = series(frame, "train/grad_norm", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     if len(g) < min_points or len(loss) < 3:
         return []
     v = reduce_points(g, max_points=20_000).to_numpy(dtype=np.float64)
@@ -192,7 +187,7 @@ _CLIP_SHARE_METRICS = ("clip", "train/clip")
 def _logged_clip_share(frame: pd.DataFrame, start_step: int) -> tuple[float, str, int] | None:
     """(share of updates clipped, metric, points) from a logged clip percentage, after ``start_step``."""
     for name in _CLIP_SHARE_METRICS:
-        c = metric_series(frame, name, finite=True)
+        c = series(frame, name, finite=True)
         if len(c):
             c = c[c.index >= start_step]
             if len(c):
@@ -226,7 +221,7 @@ def clip_saturation(
     """
     assumed = False
     if max_grad_norm is None:
-        max_grad_norm, assumed = assumed_max_grad_norm(info, frame)
+        max_grad_norm, assumed = clip_threshold(frame, info)
         if max_grad_norm is None and info is not None and "max_grad_norm" in info.config:
             return []  # clipping is off: config_audit says so
     elif not max_grad_norm > 0:
@@ -250,7 +245,7 @@ def clip_saturation(
             return []
     med = float(np.median(v))
     ratio = med / max_grad_norm if max_grad_norm else None
-    loss = metric_series(frame, "train/loss", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     loss = loss[loss.index >= g.index[0]]
     falling = rising = None
     if len(loss) >= min_points:

@@ -10,17 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import (
-    evidence_value,
-    loss_metrics,
-    metric_series,
-    minutes_between,
-    restart_point,
-    rl_objective,
-)
+from autopsy.findings import evidence_value
+from autopsy.metrics import loss_metrics
+from autopsy.series import metric_names, series
+from autopsy.checkpoints import restart_point
+from autopsy.detectors._evidence import grad_climb
+from autopsy.detectors._context import rl_objective
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["loss_zero_collapse", "nan_grad_norm", "nan_loss"]
 
@@ -57,36 +55,6 @@ def _nonfinite_run(values: pd.Series) -> dict | None:
     }
 
 
-def _grad_climb(frame: pd.DataFrame, first_bad: int) -> dict:
-    """When the grad norm began to climb before ``first_bad`` (precursor)."""
-    g = metric_series(frame, "train/grad_norm")
-    g = g[(g.index < first_bad) & np.isfinite(g.to_numpy())]
-    if len(g) < 6:
-        return {}
-    v = g.to_numpy()
-    base = float(np.median(v[: max(3, len(v) // 2)]))
-    if base <= 0:
-        return {}
-    high = v > 3.0 * base  # a norm 3x its earlier median is a climb, not noise
-    if not high[-1]:
-        return {"grad_norm_median_before": evidence_value(base), "grad_norm_before_failure": evidence_value(float(v[-1]))}
-    # start of the last contiguous high stretch
-    j = len(v) - 1
-    while j > 0 and high[j - 1]:
-        j -= 1
-    start = int(g.index[j])
-    out = {
-        "grad_norm_median_before": evidence_value(base),
-        "grad_norm_before_failure": evidence_value(float(v[-1])),
-        "grad_norm_climb_start": start,
-        "climb_steps_before_failure": int(first_bad - start),
-    }
-    minutes = minutes_between(frame, "train/grad_norm", start, int(g.index[-1]))
-    if minutes is not None:
-        out["climb_minutes_before_failure"] = minutes
-    return out
-
-
 def _nan_cause(info: RunInfo | None) -> str:
     parts = ["a too-high learning rate or an overflow in low precision poisoned the update"]
     if info is not None:
@@ -113,15 +81,15 @@ def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Findin
     What to check next: the grad norm before the first bad step; lower the LR, use bf16, clip; replay the batch.
     """
     out = []
-    for metric in loss_metrics(frame):
-        run = _nonfinite_run(metric_series(frame, metric))
+    for metric in loss_metrics(metric_names(frame)):
+        run = _nonfinite_run(series(frame, metric))
         if run is None:
             continue
         first = run["first_step"]
         evidence = {k: evidence_value(v) for k, v in run.items() if k not in ("first_step", "kinds", "first_kind")}
         evidence["kinds"] = run["kinds"]
         evidence.update(restart_point(info, first))
-        evidence.update(_grad_climb(frame, first))
+        evidence.update(grad_climb(frame, first))
         severity = Severity.CRITICAL if run["persistent"] or metric.startswith("eval/") else Severity.WARNING
         where = "train" if metric.startswith("train/") else "eval"
         summary = f"{where} loss is {run['first_kind']} from step {first}"
@@ -153,7 +121,7 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     loss scaler skipping a step (warning, not critical).
     What to check next: the last finite checkpoint before the first bad step; the grad norm's climb before it.
     """
-    run = _nonfinite_run(metric_series(frame, "train/grad_norm"))
+    run = _nonfinite_run(series(frame, "train/grad_norm"))
     if run is None:
         return []
     first = run["first_step"]
@@ -161,8 +129,8 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     evidence["kinds"] = run["kinds"]
     evidence["first_value"] = run["first_kind"]
     evidence.update(restart_point(info, first))
-    evidence.update(_grad_climb(frame, first))
-    loss = metric_series(frame, "train/loss")
+    evidence.update(grad_climb(frame, first))
+    loss = series(frame, "train/loss")
     after = loss[loss.index >= first]
     if len(after):
         evidence["loss_after_first_bad"] = evidence_value(float(after.iloc[0]))
@@ -208,7 +176,7 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
     label is -100 (nothing to learn). RL/preference losses (GRPO) can be exactly 0 and are not reported.
     What to check next: the grad norm at the same steps (NaN => hidden NaN); the labels of the batch (all -100?).
     """
-    loss = metric_series(frame, "train/loss")
+    loss = series(frame, "train/loss")
     v = loss.to_numpy(dtype=np.float64)
     if v.size < min_points:
         return []
@@ -228,7 +196,7 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
     before = before[np.isfinite(before)]
     steps = loss.index.to_numpy()
     first, last = int(steps[start]), int(steps[end])
-    g = metric_series(frame, "train/grad_norm")
+    g = series(frame, "train/grad_norm")
     g_during = g[(g.index >= first) & (g.index <= last)].to_numpy()
     grad_nonfinite = bool(g_during.size and (~np.isfinite(g_during)).mean() > 0.5)
     grad_zero = bool(g_during.size and np.isfinite(g_during).all() and (np.abs(g_during) < 1e-12).mean() > 0.5)

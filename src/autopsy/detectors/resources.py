@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import evidence_value, metric_series, reduce_points, runs_of_true
+from autopsy.findings import evidence_value
+from autopsy.series import series
+from autopsy.detectors._stats import reduce_points, runs_of_true
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["memory_growth", "throughput_drop"]
 
@@ -18,7 +20,7 @@ _MEMORY = ("train/memory_allocated",)
 
 def _first_present(frame: pd.DataFrame, names: tuple[str, ...]) -> tuple[str, pd.Series] | None:
     for name in names:
-        s = metric_series(frame, name, finite=True)
+        s = series(frame, name, finite=True)
         if len(s):
             return name, s
     return None

@@ -1,9 +1,9 @@
 """How a run ended: a crash at the end of its log, a stop short of its planned steps, an fp16 loss scale that
 collapsed, and a log autopsy could not read.
 
-The console importer puts what the end of the log says into ``RunInfo.summary["_crash"]`` (kind, exception,
-message, OOM sizes, the last lines); these detectors read it from ``info``, so a log with no metrics at all is
-still diagnosed (they require no series).
+The console importer puts what the end of the log says into ``RunInfo.crash`` (kind, exception, message, OOM
+sizes, the last lines); these detectors read it from ``info``, so a log with no metrics at all is still diagnosed
+(they require no series).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import evidence_value, last_step, metric_series
+from autopsy.findings import evidence_value
+from autopsy.series import last_step, series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["abrupt_end", "crash", "loss_scale_collapse", "unreadable_log"]
 
@@ -48,13 +49,13 @@ _CAUSE_FIX: dict[str, tuple[str, str]] = {
 
 
 def _crash_info(info: RunInfo | None) -> dict[str, Any] | None:
+    """The crash as flat evidence (its OOM sizes beside the other keys); a W&B exit code 137 is a kill."""
     if info is None:
         return None
-    crash_ = info.summary.get("_crash")
-    if isinstance(crash_, dict):
-        return crash_
+    if info.crash is not None:
+        return info.crash.to_dict() | {"kind": info.crash.kind}
     if info.exit_code in (137, -9):
-        return {"kind": "killed", "exception": None, "message": f"process exit code {info.exit_code}", "tail": []}
+        return {"kind": "killed", "message": f"process exit code {info.exit_code}"}
     return None
 
 
@@ -114,7 +115,7 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
 
 def _nonfinite_at_end(frame: pd.DataFrame) -> bool:
     for metric in ("train/loss", "train/grad_norm", "eval/loss"):
-        s = metric_series(frame, metric)
+        s = series(frame, metric)
         if len(s) and not np.isfinite(s.to_numpy()[-1]):
             return True
     return False
@@ -123,7 +124,7 @@ def _nonfinite_at_end(frame: pd.DataFrame) -> bool:
 def _planned_from_epochs(frame: pd.DataFrame, info: RunInfo) -> int | None:
     """Planned steps when only epochs were set (max_steps=-1): num_train_epochs x the logged steps per epoch."""
     epochs = info.num_train_epochs
-    ep = metric_series(frame, "train/epoch")
+    ep = series(frame, "train/epoch")
     if not epochs or epochs <= 0 or len(ep) < 2:
         return None
     last_epoch = float(ep.to_numpy()[-1])
@@ -189,7 +190,7 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     Likely causes: fp16 on a model whose activations or gradients exceed fp16's range (max 65504).
     What to check next: train in bf16; if fp16 is a must, lower the LR, clip, and find the overflowing layer.
     """
-    s = metric_series(frame, "train/loss_scale")
+    s = series(frame, "train/loss_scale")
     v = s.to_numpy(dtype=np.float64)
     v = v[np.isfinite(v) & (v > 0)]
     if v.size < 2:
@@ -198,7 +199,7 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     if final > max_final_scale:
         return []
     halvings = math.log2(peak / final) if final > 0 else float("inf")
-    ov = metric_series(frame, "train/overflow")
+    ov = series(frame, "train/overflow")
     streak = 0
     if len(ov):
         steps_ov = set(ov.index[ov.to_numpy() > 0].tolist())
@@ -220,9 +221,9 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
         "overflow_streak_at_end": streak,
         "points": int(v.size),
     }
-    if info is not None and info.summary.get("_loss_scale_at_minimum"):
+    if info is not None and info.loss_scale_at_minimum:
         evidence["scaler_at_minimum"] = True
-    loss = metric_series(frame, "train/loss")
+    loss = series(frame, "train/loss")
     nan_loss = bool(len(loss) and not np.isfinite(loss.to_numpy()[-1]))
     severity = Severity.CRITICAL if final <= 1.0 or nan_loss or streak >= min_overflow_streak else Severity.ERROR
     return [Finding(signature="loss_scale_collapse", severity=severity, step=first, end_step=int(steps[-1]),
@@ -245,10 +246,10 @@ def unreadable_log(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[
     What to check next: the note names the file; point autopsy at the run's trainer_state.json, TensorBoard
     or W&B files, or report the format.
     """
-    if info is None or not isinstance(info.summary.get("_unrecognised"), dict) or len(frame):
+    if info is None or not info.unread_logs or len(frame):
         return []
-    u = info.summary["_unrecognised"]
+    u = info.unread_logs[0]
     return [Finding(signature="insufficient_data", severity=Severity.INFO,
-                    summary=f"no metric line autopsy reads in {u.get('file')} ({u.get('lines')} lines)",
-                    evidence=dict(u), cause="an unknown log format, or not a training log",
+                    summary=f"no metric line autopsy reads in {u.file} ({u.lines} lines)",
+                    evidence={"file": u.file, "lines": u.lines}, cause="an unknown log format, or not a training log",
                     fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format")]

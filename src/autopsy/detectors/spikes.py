@@ -11,21 +11,18 @@ and per-batch noise do not trigger it); the rules production trainers use ship a
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import (
-    causal_median,
-    evidence_value,
-    metric_series,
-    rl_objective,
-    runs_of_true,
-    settle_index,
-    warmup_end_step,
-)
+from autopsy.detectors._stats import causal_median, runs_of_true, settle_index
+from autopsy.findings import evidence_value
+from autopsy.series import series
+from autopsy.detectors._context import rl_objective, warmup_end_step
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["loss_spike"]
 
@@ -80,7 +77,7 @@ def loss_spike(
     frame: pd.DataFrame,
     *,
     info: RunInfo | None = None,
-    method: str = "robust",
+    method: Literal["robust", "megatron", "llm_foundry", "olmo"] = "robust",
     window: int = 50,
     k: float = 8.0,
     min_rise: float = 0.4,
@@ -103,7 +100,7 @@ def loss_spike(
     """
     if rl_objective(frame, info):
         return []  # RL/preference losses swing by design (GRPO/PPO near 0, sign changes)
-    loss = metric_series(frame, "train/loss", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     v = loss.to_numpy(dtype=np.float64)
     steps = loss.index.to_numpy()
     if v.size < 12:

@@ -12,22 +12,16 @@ import math
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import (
-    chance_levels,
-    evidence_value,
-    grad_climb,
-    metric_series,
-    minutes_between,
-    noise_scale,
-    reduce_points,
-    restart_point,
-    rl_objective,
-    settle_index,
-    warmup_end_step,
-)
+from autopsy.runinfo import chance_levels
+from autopsy.findings import evidence_value
+from autopsy.checkpoints import restart_point
+from autopsy.detectors._evidence import grad_climb, minutes_between
+from autopsy.series import series
+from autopsy.detectors._stats import noise_scale, reduce_points, settle_index
+from autopsy.detectors._context import rl_objective, warmup_end_step
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
-from autopsy.frame import RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["divergence", "epoch_boundary_drop", "oscillation", "plateau"]
 
@@ -37,7 +31,7 @@ def _smooth(v: np.ndarray, window: int) -> np.ndarray:
 
 
 def _train_loss(frame: pd.DataFrame) -> pd.Series:
-    loss = metric_series(frame, "train/loss", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     return reduce_points(loss, max_points=20_000)
 
 
@@ -103,7 +97,7 @@ def divergence(
     if wu:
         evidence["warmup_end_step"] = int(wu)
         evidence["turn_at_warmup_end"] = bool(abs(turn - wu) <= max(2, 0.25 * wu))
-    lr = metric_series(frame, "train/learning_rate", finite=True)
+    lr = series(frame, "train/learning_rate", finite=True)
     if len(lr):
         at = lr[lr.index <= turn]
         if len(at):
@@ -281,7 +275,7 @@ def _acf(x: np.ndarray, max_lag: int) -> np.ndarray:
 
 def _epoch_length(frame: pd.DataFrame, info: RunInfo | None) -> float | None:
     """Steps per epoch, from the logged epoch or from num_train_epochs and max_steps."""
-    ep = metric_series(frame, "train/epoch", finite=True)
+    ep = series(frame, "train/epoch", finite=True)
     if len(ep) >= 2:
         e = ep.to_numpy()
         de = e[-1] - e[0]
@@ -312,7 +306,7 @@ def oscillation(
     """
     if rl_objective(frame, info):
         return []
-    loss = metric_series(frame, "train/loss", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     loss = reduce_points(loss, max_points=4096, how="mean")
     v = loss.to_numpy(dtype=np.float64)
     steps = loss.index.to_numpy()
@@ -383,7 +377,7 @@ def epoch_boundary_drop(
     Likely causes: too many epochs over a small dataset.
     What to check next: the eval loss (overfitting?), fewer epochs, more data, regularization.
     """
-    loss = metric_series(frame, "train/loss", finite=True)
+    loss = series(frame, "train/loss", finite=True)
     loss = reduce_points(loss, max_points=20_000)
     epoch = _epoch_length(frame, info)
     v = loss.to_numpy(dtype=np.float64)

@@ -1,153 +1,169 @@
 """Importers: from the files a run left behind to one canonical frame.
 
-:func:`load` sniffs a path (:mod:`autopsy.importers.discover`), reads each run's files with the
-importer of their kind, merges the sources of each run, and attaches the run metadata.
+Every public module of this package that declares ``KIND`` is an importer, found at run time; adding a log format
+is one new module (and its tests). An importer module declares:
+
+``KIND``
+    the kind of file it reads (``"trainer_state"``, ``"tensorboard"``, ...).
+``PRIORITY``
+    its rank when two sources log the same metric at the same step (lower wins: a logger that sees every step
+    before one that sees every ``logging_steps``); also the order in which files are offered to importers.
+``claims(path) -> int``
+    2: the file is of this kind; 1: it may be (a run of its own only where nothing else is); 0: not this kind;
+    -1: a file this importer knows is no log (W&B's own debug logs), which no importer reads.
+``read(paths, *, run, options) -> Imported``
+    the frame of the run's files of this kind and what they say about the run (:class:`~autopsy.runinfo.RunInfo`).
+
+and optionally ``run_roots(files, base)`` (the directory that stands for each file's run, for layouts where it is
+not the file's own directory), ``ATTACH = "nearest"`` (its files join the run at or above them, and make one of
+their own only when there is none) or ``"nearest_only"`` (never a run of their own), and ``finalize(runs)`` (a
+last look at the runs found, to fold one into another).
+
+:func:`load` asks :mod:`autopsy.importers.discover` which runs a path holds, reads each run's files with the
+importer of their kind, merges the sources of each run, scans the checkpoints that matter, and returns the frame
+with its runs attached.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import json
 import os
+import pkgutil
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import pandas as pd
 
-from autopsy.errors import AutopsyError, InputError
-from autopsy.frame import Damage, RunInfo, concat_frames, empty_frame, merge_sources
-from autopsy.importers.discover import RunFiles, find_runs
+from autopsy.checkpoints import check_run_checkpoints
+from autopsy.errors import AutopsyError, InputError, UsageError
+from autopsy.frame import concat_frames, empty_frame, merge_sources
+from autopsy.runinfo import Damage, RunInfo, attach_runs, catalog
+from autopsy.series import first_nonfinite_step
 
-__all__ = ["IMPORTERS", "load", "load_run"]
-
-# kind -> "module:function"; modules are imported only when a file of that kind is found, so that
-# reading a trainer_state.json never imports tensorboard or wandb.
-IMPORTERS: dict[str, str] = {
-    "trainer_state": "autopsy.importers.trainer_state:read_trainer_state",
-    "tensorboard": "autopsy.importers.tensorboard:read_tensorboard",
-    "wandb": "autopsy.importers.wandb:read_wandb",
-    "wandb_export": "autopsy.importers.wandb:read_wandb_export",
-    "console": "autopsy.importers.console:read_console",
-    "autopsy_log": "autopsy.importers.autopsy_log:read_autopsy_log",
-}
-
-# model config keys worth carrying (the OOM estimate and replay use them)
-_MODEL_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype",
-               "tie_word_embeddings")
-_ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path", "task_type")
+__all__ = ["ENGINES", "Imported", "ReadOptions", "importer", "importers", "load", "load_run", "priorities", "read_files"]
 
 
-def _importer(kind: str) -> Callable[..., pd.DataFrame] | None:
-    target = IMPORTERS.get(kind)
-    if target is None:
-        return None
-    module, func = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), func)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("autopsy"):
-            return None  # that importer is not part of this build
-        raise
+ENGINES = ("auto", "fast", "tbparse")  # TensorBoard readers: auto = fast, tbparse = the reference
 
 
-def _read_json_small(path: Path, limit: int = 4 << 20) -> dict[str, Any] | None:
-    try:
-        if path.stat().st_size > limit:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+@dataclass(frozen=True)
+class ReadOptions:
+    """Options a user can give the readers (each importer reads the ones it knows), checked when made."""
+
+    engine: str = "auto"  # the TensorBoard reader
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown TensorBoard engine {self.engine!r}: use one of {', '.join(ENGINES)}")
 
 
-def _read_configs(files: RunFiles, info: RunInfo) -> None:
-    """training_args.bin (safely), config.json and adapter_config.json into the run's config."""
-    for path in files.files.get("training_args", [])[-1:]:
-        from autopsy.importers.training_args import read_training_args
+@dataclass
+class Imported:
+    """What an importer read: a canonical frame and the runs it is about."""
 
-        config, note = read_training_args(path)
-        if note:
-            info.notes.append(note)
-        for key, value in config.items():
-            info.config.setdefault(key, value)
-    for path in files.files.get("model_config", []):
-        data = _read_json_small(path)
-        if data is None:
+    frame: pd.DataFrame
+    runs: dict[str, RunInfo] = field(default_factory=dict)
+
+    @classmethod
+    def one(cls, frame: pd.DataFrame, info: RunInfo) -> Imported:
+        return cls(frame=frame, runs={info.name: info})
+
+
+@functools.cache
+def importers() -> tuple[ModuleType, ...]:
+    """The importer modules, in claim order (PRIORITY, then KIND)."""
+    found = []
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name.startswith("_") or mod.name == "discover":
             continue
-        if path.name == "config.json" and ("model_type" in data or "architectures" in data):
-            info.config.setdefault("model", {k: data[k] for k in _MODEL_KEYS if k in data})
-        elif path.name == "adapter_config.json":
-            info.config.setdefault("adapter", {k: data[k] for k in _ADAPTER_KEYS if k in data})
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        if hasattr(module, "KIND"):
+            for attr in ("PRIORITY", "claims", "read"):
+                if not hasattr(module, attr):
+                    raise TypeError(f"importer {module.__name__} declares KIND but no {attr}")
+            found.append(module)
+    kinds = [m.KIND for m in found]
+    dup = {k for k in kinds if kinds.count(k) > 1}
+    if dup:
+        raise TypeError(f"importer kind(s) declared twice: {', '.join(sorted(dup))}")
+    return tuple(sorted(found, key=lambda m: (m.PRIORITY, m.KIND)))
 
 
-def _apply_config(info: RunInfo) -> None:
-    """Fill the run's schedule fields from its config where the logs did not say."""
-    cfg = info.config
-    for key in ("max_steps", "logging_steps", "eval_steps", "save_steps"):
-        if getattr(info, key) is None:
-            v = cfg.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-                setattr(info, key, int(v))
-    if info.num_train_epochs is None:
-        v = cfg.get("num_train_epochs")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            info.num_train_epochs = float(v)
+def importer(kind: str) -> ModuleType:
+    for module in importers():
+        if module.KIND == kind:
+            return module
+    raise KeyError(kind)
 
 
-def load_run(files: RunFiles, *, engine: str = "auto") -> pd.DataFrame:
-    """Read every file of one run and merge the sources into one canonical frame."""
-    frames: list[pd.DataFrame] = []
+def priorities() -> dict[str, int]:
+    """Source name -> its priority when sources tie (each importer's SOURCE, default its KIND)."""
+    out: dict[str, int] = {}
+    for m in importers():
+        out.setdefault(getattr(m, "SOURCE", m.KIND), m.PRIORITY)
+    return out
+
+
+def load_run(files: Any, *, options: ReadOptions | None = None) -> Imported:
+    """Read every file of one run (:class:`~autopsy.importers.discover.RunFiles`) and merge its sources."""
+    options = options or ReadOptions()
     info = RunInfo(name=files.name, path=str(files.root))
-    for kind in ("trainer_state", "tensorboard", "wandb", "wandb_export", "console", "autopsy_log"):
-        paths = files.files.get(kind)
+    frames: list[pd.DataFrame] = []
+    for module in importers():
+        paths = files.files.get(module.KIND)
         if not paths:
             continue
-        reader = _importer(kind)
-        if reader is None:
-            info.notes.append(f"{len(paths)} {kind} file(s) skipped: no {kind} importer in this build")
-            continue
-        kwargs: dict[str, Any] = {"run": files.name}
-        if kind == "tensorboard":
-            kwargs["engine"] = engine
         try:
-            frame = reader(sorted(paths), **kwargs)
+            got = module.read(sorted(paths), run=files.name, options=options)
         except AutopsyError as exc:
             # one unreadable source does not stop the others: it is reported
             info.damage.append(Damage(file=str(paths[0]), offset=None, problem=str(exc), salvaged="nothing"))
             continue
-        frames.append(frame)
-    merged = concat_frames(frames)
-    for name, other in merged.attrs.get("runs", {}).items():
-        if name == files.name:
+        frames.append(got.frame)
+        for other in got.runs.values():
             info.merge(other)
     for step, path in files.checkpoints.items():
         info.checkpoints.setdefault(step, str(path))
-    _read_configs(files, info)
-    _apply_config(info)
-    merged = merge_sources(merged)
-    merged.attrs["runs"] = {files.name: info}
-    return merged
+    info.fill_from_config()
+    frame = merge_sources(concat_frames(frames), priorities())
+    frame.attrs.clear()
+    check_run_checkpoints(info, first_nonfinite_step(frame))
+    return Imported.one(frame, info)
 
 
 def load(path: str | os.PathLike[str], *, engine: str = "auto") -> pd.DataFrame:
     """Load every run under ``path`` into one canonical frame (see :mod:`autopsy.frame`).
 
-    ``path`` may be a run directory, a checkpoint directory, a single file, or a directory of runs.
-    ``engine`` picks the TensorBoard reader (``"auto"``, ``"fast"``, ``"tbparse"``).
-    Run metadata is in ``frame.attrs["runs"]`` (use :func:`autopsy.frame.run_info`).
+    ``path`` may be a run directory, a checkpoint directory, a single file, a directory of runs, or a W&B run
+    address (``wandb://entity/project/run_id``). ``engine`` picks the TensorBoard reader (``"auto"``, ``"fast"``,
+    ``"tbparse"``). The runs' metadata: :func:`autopsy.run_info`.
     """
+    from autopsy.importers.discover import find_runs
+
+    options = ReadOptions(engine=engine)
     spec = str(path)
     if spec.startswith("wandb:/"):  # a CLI Path collapses wandb:// to wandb:/
-        from autopsy.importers.wandb import load_wandb_url
+        from autopsy.importers.wandb_api import load_wandb_url
 
         return load_wandb_url(spec)
-    runs = find_runs(path)
-    frames = [load_run(r, engine=engine) for r in runs]
-    out = concat_frames(frames)
-    if out.empty and not any(i.damage or i.notes for i in out.attrs.get("runs", {}).values()):
+    loaded = [load_run(r, options=options) for r in find_runs(path)]
+    out = concat_frames([attach_runs(g.frame, g.runs) for g in loaded])
+    if out.empty and not any(i.damage or i.notes or i.crash for i in catalog(out).values()):
         raise InputError(f"no metrics found under {path}")
     return out
 
 
-__all__ += ["empty_frame"]
+def read_files(kind: str, paths: list[str | os.PathLike[str]], *, run: str = "run", engine: str = "auto") -> pd.DataFrame:
+    """Read files of one kind with its importer alone (no discovery, no merging): the frame with its runs attached.
+
+    For a notebook or a test that wants one source as it is: ``read_files("tensorboard", [path], run="r")``.
+    """
+    try:
+        module = importer(kind)
+    except KeyError:
+        raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(m.KIND for m in importers())}") from None
+    got = module.read([Path(p) for p in paths], run=run, options=ReadOptions(engine=engine))
+    return attach_runs(got.frame if len(got.frame) else empty_frame(), got.runs)

@@ -13,13 +13,26 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from autopsy.frame import Damage, RunInfo, make_frame
+from autopsy.frame import make_frame
+from autopsy.importers import Imported, ReadOptions
+from autopsy.recording import is_losses_log
+from autopsy.runinfo import Damage, RunInfo
 
-__all__ = ["read_autopsy_log"]
+__all__ = ["KIND", "PRIORITY", "claims", "read", "run_roots"]
 
+KIND = "autopsy_log"
 SOURCE = "autopsy"
+PRIORITY = -1  # every optimizer step's true loss, where HF's NaN filter logged 0.0: it wins every tie
+
+
+def claims(path: Path) -> int:
+    return 2 if is_losses_log(path) else 0
+
+
+def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
+    """``<output_dir>/autopsy/losses.jsonl`` belongs to ``<output_dir>``."""
+    return {f: f.parent.parent for f in files}
 MAX_BYTES = 1 << 30
 
 
@@ -36,7 +49,7 @@ def _number(v: object) -> float | None:
     return None
 
 
-def read_autopsy_log(paths: list[Path], *, run: str) -> pd.DataFrame:
+def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> Imported:
     """Read the callback's loss log(s) into a canonical frame (metric ``train/loss``)."""
     info = RunInfo(name=run, sources=[SOURCE])
     steps: list[int] = []
@@ -71,5 +84,4 @@ def read_autopsy_log(paths: list[Path], *, run: str) -> pd.DataFrame:
             values.append(loss)
     frame = make_frame(run=run, source=SOURCE, metric="train/loss", step=np.asarray(steps, dtype=np.int64),
                        value=np.asarray(values, dtype=np.float64), raw_metric="loss")
-    frame.attrs["runs"] = {run: info}
-    return frame
+    return Imported.one(frame, info)

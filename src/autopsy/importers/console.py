@@ -6,14 +6,17 @@ line grammars of :mod:`autopsy.importers._console_formats`, and turned into the 
 counters, tqdm's ``n/total`` beside an HF dict); otherwise they are inferred in order, and
 ``RunInfo.notes`` says how. What the log says about its end goes into ``RunInfo``: ``finished`` (a final summary
 was printed), ``max_steps`` (a printed ``Total optimization steps``/``max_steps``, else a counter's total), and
-``summary["_crash"]`` (kind, exception, message, OOM sizes, last lines), which the ``crash`` detector reads.
+``crash`` (kind, exception, message, OOM sizes, last lines), which the ``crash`` detector reads.
+
+Each log file is a run of its own, unless it sits inside a run another source found (an HF output dir holding its
+``train.log``): two logs in one folder are two jobs, never one merged curve.
 """
 
 from __future__ import annotations
 
 import bisect
 import codecs
-import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +24,34 @@ import numpy as np
 import pandas as pd
 
 from autopsy.errors import UnreadableError
-from autopsy.frame import Damage, RunInfo, canonical_metric, concat_frames, empty_frame, make_frame
+from autopsy.frame import concat_frames, empty_frame, make_frame
+from autopsy.importers import Imported, ReadOptions
 from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, find_crash, parse_console
+from autopsy.metrics import canonical_metric
+from autopsy.runinfo import Crash, Damage, LogStats, RunInfo
 
-__all__ = ["parse_console_text", "read_console"]
+__all__ = ["ATTACH", "KIND", "PRIORITY", "claims", "parse_console_text", "read", "run_roots"]
 
-SOURCE = "console"
+KIND = SOURCE = "console"
+PRIORITY = 3  # its step axis is often inferred: the last source to trust when another logs the same metric
+ATTACH = "nearest"  # a log joins the run at or above it (an HF output dir's train.log); alone it is a run
+_SUFFIXES = (".log", ".out", ".txt", ".err", ".stdout", ".stderr")
+_NOT_LOGS = frozenset({"requirements.txt", "SOURCES.md", "LICENSE.txt", "merges.txt", "vocab.txt"})
+_LOG_NAMES = re.compile(r"(nohup|slurm|train|output|stdout|stderr|console|log)", re.I)
+
+
+def claims(path: Path) -> int:
+    """``*.log``, ``*.out``, ``nohup.out``, ``slurm-*.out``...: 2; a ``.txt`` without a log-like name: 1 (a run of
+    its own only where nothing else is)."""
+    name = path.name
+    if not name.endswith(_SUFFIXES) or name in _NOT_LOGS:
+        return 0
+    return 1 if name.endswith(".txt") and not _LOG_NAMES.search(name) else 2
+
+
+def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
+    """A log standing alone is a run of its own: its root is the file itself."""
+    return {f: f for f in files}
 MAX_BYTES = 1 << 30  # a console log over 1 GiB is read from its last GiB (the end is where crashes are)
 # a loss under another name, when the log has no plain "loss": most specific first
 _LOSS_FALLBACK = ("total_loss", "total-loss", "losses", "loss_total", "loss_net", "closs", "lm_loss", "lm-loss",
@@ -192,8 +217,8 @@ def _fallback_names(names: set[str]) -> dict[str, str]:
     return out
 
 
-def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> pd.DataFrame:
-    """Parse the text of a console log into a canonical frame with its :class:`RunInfo` in ``attrs``."""
+def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> Imported:
+    """Parse the text of a console log into a canonical frame and its :class:`RunInfo`."""
     info = RunInfo(name=run, sources=[SOURCE], files=[file])
     p = parse_console(text)
     cfg = {k: v for k, v in p.config.items() if k not in _CONFIG_PRIVATE}
@@ -258,16 +283,13 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     crash = find_crash(tail, offset_line=start)
     if crash is not None:
         p.finished = False
-    if crash is not None:
-        crash["file"] = file
-        crash["last_step"] = int(steps[-1]) if len(steps) else None
-        info.summary["_crash"] = crash
-    if p.scale_floor_line is not None:
-        info.summary["_loss_scale_at_minimum"] = True
+        info.crash = Crash.from_dict({**crash, "file": file, "last_step": int(steps[-1]) if len(steps) else None})
+    info.loss_scale_at_minimum = p.scale_floor_line is not None
     info.summary.update({k: v for k, v in p.summary.items() if k.startswith("train_") or k in ("total_flos",)})
     info.finished = True if p.finished else (False if p.has_banner else None)
-    info.summary["_console"] = {"file": file, "lines": p.n_lines, "records": len(p.line), "step_axis": how,
-                                "printed_start": p.has_banner, "overflow_messages": len(p.overflow)}
+    stats = LogStats(file=file, lines=p.n_lines, records=len(p.line), step_axis=how, printed_start=p.has_banner,
+                     overflow_messages=len(p.overflow))
+    info.logs.append(stats)
     if p.line:
         info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
         if len(steps):
@@ -275,41 +297,37 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     elif crash is not None:
         info.notes.append(f"{file}: no metric lines; the log ends in a crash ({crash['kind']})")
     elif not p.overflow:
-        info.summary["_unrecognised"] = {"file": file, "lines": p.n_lines}
+        info.unread_logs.append(stats)
         info.notes.append(f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
                           "'key: value' / 'key=value' loggers, progress bars, loss-scale messages")
-    frame.attrs["runs"] = {run: info}
-    return frame
+    return Imported.one(frame, info)
 
 
-def read_console(paths: list[str | os.PathLike[str]], *, run: str) -> pd.DataFrame:
+def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> Imported:
     """Read one run's console logs into a canonical frame (``source="console"``)."""
+    infos: list[RunInfo] = []
     frames: list[pd.DataFrame] = []
-    info = RunInfo(name=run, sources=[SOURCE])
     for path in map(Path, paths):
+        damage = []
         try:
             size = path.stat().st_size
             with open(path, "rb") as fh:
                 if size > MAX_BYTES:
                     fh.seek(size - MAX_BYTES)
-                    info.damage.append(Damage(file=str(path), offset=0, problem=f"log of {size} bytes is over the "
-                                              f"{MAX_BYTES}-byte limit", salvaged="its last GiB"))
+                    damage.append(Damage(file=str(path), offset=0, problem=f"log of {size} bytes is over the "
+                                         f"{MAX_BYTES}-byte limit", salvaged="its last GiB"))
                 text, notes = _read_text(fh, str(path))
         except OSError as exc:
             raise UnreadableError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        frame = parse_console_text(text, run=run, file=str(path))
-        file_info = frame.attrs["runs"][run]
+        got = parse_console_text(text, run=run, file=str(path))
+        file_info = got.runs[run]
         file_info.notes[:0] = notes
-        frames.append(frame)
-    out = concat_frames(frames)
-    merged = out.attrs.get("runs", {}).get(run)
-    if merged is not None:
-        info.merge(merged)
-        # the last file with a crash speaks for the run's end
-        for f in reversed(frames):
-            crash = f.attrs["runs"][run].summary.get("_crash")
-            if crash is not None:
-                info.summary["_crash"] = crash
-                break
-    out.attrs["runs"] = {run: info}
-    return out
+        file_info.damage[:0] = damage
+        frames.append(got.frame)
+        infos.append(file_info)
+    info = RunInfo(name=run, sources=[SOURCE])
+    for file_info in infos:
+        info.merge(file_info)
+    crashed = [i.crash for i in infos if i.crash is not None]
+    info.crash = crashed[-1] if crashed else None  # the last file with a crash speaks for the run's end
+    return Imported.one(concat_frames(frames), info)

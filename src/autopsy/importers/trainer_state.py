@@ -21,18 +21,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import UnreadableError
-from autopsy.frame import Damage, RunInfo, canonical_metric, make_frame
+from autopsy.frame import make_frame
+from autopsy.importers import Imported, ReadOptions
+from autopsy.metrics import canonical_metric
+from autopsy.runinfo import Damage, RunInfo
 
-__all__ = ["parse_trainer_state", "read_trainer_state"]
+__all__ = ["KIND", "PRIORITY", "claims", "parse_trainer_state", "read"]
 
-SOURCE = "trainer_state"
+KIND = SOURCE = "trainer_state"
+PRIORITY = 2  # one row per logging_steps: after the loggers that see every step
 MAX_BYTES = 2 << 30  # a trainer_state.json larger than 2 GiB is not an HF file
 # keys of the final summary entry (Trainer.train's last log): run totals, not series
 _SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
 _NON_METRIC_KEYS = {"step", "epoch_float"}
 _MAX_STEP = 2**53  # steps are counted in int64 but compared as floats: larger ones are not exact
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def claims(path: Path) -> int:
+    """HF Trainer writes ``trainer_state.json`` into its output dir and every ``checkpoint-N/``."""
+    return 2 if path.name == "trainer_state.json" else 0
 
 
 _NAN = "\x00NaN"  # sentinel for a NaN written in the file (a missing key is absent instead)
@@ -180,7 +189,7 @@ def _as_number(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
 
 
-def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
+def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> Imported:
     """Read and merge trainer_state.json files of one run into a canonical frame.
 
     Files are ranked by their ``global_step`` (the root file wins ties): for each (metric, step) the
@@ -210,12 +219,12 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
         gs = _int_or_none(state.get("global_step"))
         if gs is None:  # no usable global_step: rank the file by the last step it logged
             gs = _last_logged_step(state.get("log_history"))
-        is_root = _CHECKPOINT.search(path.parent.name) is None
+        ck_step = checkpoint_step(path.parent.name)
+        is_root = ck_step is None
         parsed.append((gs if gs is not None else -1, 1 if is_root else 0, path, state))
         info.files.append(str(path))
-        m = _CHECKPOINT.search(path.parent.name)
-        if m:
-            info.checkpoints[int(m.group(1))] = str(path.parent)
+        if ck_step is not None:
+            info.checkpoints[ck_step] = str(path.parent)
     parsed.sort(key=lambda t: (t[0], t[1]))
     rows = []
     for rank, (_, is_root, path, state) in enumerate(parsed):
@@ -255,8 +264,7 @@ def read_trainer_state(paths: list[Path], *, run: str) -> pd.DataFrame:
         )
     else:
         frame = make_frame(run=[], source=[], metric=[], step=[], value=[])
-    frame.attrs["runs"] = {run: info}
-    return frame
+    return Imported.one(frame, info)
 
 
 def _last_logged_step(history: Any) -> int | None:

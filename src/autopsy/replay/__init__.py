@@ -8,60 +8,33 @@ with :class:`autopsy.callbacks.AutopsyCallback`, where it finds the recorded bat
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from autopsy._version import __version__
+from autopsy.checkpoints import find_checkpoints, is_adapter, scan_weights, weights_finding
 from autopsy.errors import InputError
-from autopsy.findings import Finding, Report, RunReport, Severity
+from autopsy.findings import Finding, Report, RunReport
+from autopsy.recording import recorded_batches, weights_before
 
-__all__ = ["replay", "resolve", "weights_finding"]
-
-_BATCH_RE = re.compile(r"^batches-step-(\d+)\.safetensors$")
-_BEFORE_RE = re.compile(r"^weights-before-step-(\d+)$")
-
-
-def weights_finding(scan: Any, *, step: int | None = None) -> Finding | None:
-    """``weights_nonfinite`` for a :class:`~autopsy.replay.checkpoint.WeightScan` (None when all finite)."""
-    if not scan.nonfinite:
-        return None
-    names = sorted(scan.nonfinite)
-    count = int(sum(scan.nonfinite.values()))
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return Finding(signature="weights_nonfinite", severity=Severity.CRITICAL, step=step,
-                   summary=f"{os.path.basename(scan.path.rstrip('/'))} holds {count} NaN/Inf values in {len(names)} tensors: {shown}",
-                   evidence={"tensors": names, "count": count, "per_tensor": dict(sorted(scan.nonfinite.items())),
-                             "checkpoint": scan.path, "tensors_scanned": scan.tensors},
-                   cause="the weights were poisoned by a non-finite update before this checkpoint was saved (or the file is corrupt)",
-                   fix="restart from the last checkpoint whose weights are all finite; replay the steps after it to find the cause",
-                   detector="replay.checkpoint")
-
-
-def _recorded_batches(run_dir: Path) -> dict[int, Path]:
-    rec = run_dir / "autopsy"
-    if not rec.is_dir():
-        return {}
-    return dict(sorted((int(m.group(1)), p) for p in rec.iterdir() if (m := _BATCH_RE.match(p.name))))
+__all__ = ["replay", "resolve"]
 
 
 def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None = None,
             from_checkpoint: str | None = None) -> dict[str, Any]:
     """Find the checkpoint, batch file and step to replay from ``path`` (a checkpoint or a run's output dir)."""
-    from autopsy.replay.checkpoint import find_checkpoints, is_adapter, scan_weights
-
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file or directory: {p}")
     out: dict[str, Any] = {"checkpoint": None, "batch": Path(batch) if batch else None, "step": None, "notes": [], "restart_from": None}
     is_model = (p / "config.json").is_file() or is_adapter(p)
-    recorded = _recorded_batches(p) if p.is_dir() else {}
+    recorded = recorded_batches(p) if p.is_dir() else {}
     if out["batch"] is None and recorded:
         out["batch"] = next(iter(recorded.values()))  # the first recording: the first failure
     if out["batch"] is None:
-        if is_model and p.parent.is_dir() and _recorded_batches(p.parent):
-            out["batch"] = next(iter(_recorded_batches(p.parent).values()))
+        if is_model and p.parent.is_dir() and recorded_batches(p.parent):
+            out["batch"] = next(iter(recorded_batches(p.parent).values()))
         else:
             raise InputError(f"{p}: no batch to replay: pass --batch FILE (or train with autopsy.callbacks.AutopsyCallback)")
     if out["batch"] is not None and not Path(out["batch"]).is_file():
@@ -94,8 +67,7 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
             break
     if finite_ck:
         out["restart_from"] = str(finite_ck[1])
-    rec = p / "autopsy"
-    before = sorted((int(m.group(1)), c) for c in rec.iterdir() if (m := _BEFORE_RE.match(c.name))) if rec.is_dir() else []
+    before = list(weights_before(p).items())
     before = [(s, c) for s, c in before if bad_step is None or s == bad_step] or before
     if before:
         out["checkpoint"] = before[0][1]
@@ -112,7 +84,6 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
 def _step_report(path: str | os.PathLike[str], from_checkpoint: str, *, batch: Any, base: Any, device: Any,
                  until: int | None) -> Report:
     """``--from checkpoint-N``: step replay (see :mod:`autopsy.replay.step`)."""
-    from autopsy import __version__
     from autopsy.replay.step import step_replay
 
     p = Path(path)
@@ -136,12 +107,11 @@ def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None
     it are re-run with the checkpoint's optimizer, scheduler and RNG state until one goes non-finite (``step``
     caps the last step replayed).
     """
-    from autopsy import __version__
     from autopsy._optional import require
 
     require("torch", purpose="replay a checkpoint")
     from autopsy.replay.batch import inspect_batch, load_batches
-    from autopsy.replay.checkpoint import is_adapter, load_model, model_config, scan_weights
+    from autopsy.replay.checkpoint import load_model, model_config
     from autopsy.replay.device import pick_device
     from autopsy.replay.localize import localize
 
@@ -154,7 +124,7 @@ def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None
     dev = pick_device(device)
     findings: list[Finding] = []
     scan = scan_weights(ck)
-    wf = weights_finding(scan, step=use_step)
+    wf = weights_finding(scan.path, scan.nonfinite, tensors=scan.tensors, step=use_step)
     if wf is not None:
         findings.append(wf)
     cfg = model_config(ck, base=base)

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from autopsy.checkpoints import safetensors_header
 from autopsy.errors import UsageError
 
 __all__ = ["pick_device", "pick_dtype"]
@@ -37,8 +38,6 @@ def pick_device(requested: Any = None) -> Any:
 
 
 def _checkpoint_dtype(model_dir: Path) -> str | None:
-    from autopsy.replay.checkpoint import safetensors_header
-
     cfg = model_dir / "config.json"
     if cfg.is_file():
         import json
@@ -63,7 +62,7 @@ def _checkpoint_dtype(model_dir: Path) -> str | None:
     return _DTYPES[counts.most_common(1)[0][0]] if counts else None
 
 
-def pick_dtype(model_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
+def pick_dtype(model_dir: str | os.PathLike[str]) -> Any:
     """The torch dtype the checkpoint was saved in (float32 when it says nothing).
 
     bfloat16 is kept on every device; so is float16 (CPU kernels for it exist and it must overflow where

@@ -394,7 +394,7 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
     """Replay ``batch`` on ``model`` and return ``nonfinite_origin`` or ``replay_not_reproduced``."""
     import torch
 
-    from autopsy.detectors._common import evidence_value
+    from autopsy.findings import evidence_value
 
     model.zero_grad(set_to_none=True)
     modules = dict(model.named_modules())

@@ -19,16 +19,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autopsy.errors import InputError
-from autopsy.findings import Finding, Severity
+from autopsy.checkpoints import checkpoint_step, scan_weights, weights_finding
+from autopsy.errors import InputError, first_line
+from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.recording import LOSSES, record_dir, recorded_batches, weights_dir
 
 __all__ = ["load_state_file", "step_replay"]
-
-_BATCH_RE = re.compile(r"^batches-step-(\d+)\.safetensors$")
-_CK_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _numpy_allowlist() -> dict[str, Any]:
@@ -73,23 +73,14 @@ def load_state_file(path: Path, *, what: str) -> tuple[Any, str | None]:
         with safe_globals(list(allow.values())):  # the dtype classes are found only while unpickling
             return torch.load(str(path), weights_only=True, map_location="cpu"), None
     except Exception as exc:  # noqa: BLE001
-        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return None, f"{path.name} could not be loaded safely ({msg}): the replay runs without the {what}"
+        return None, f"{path.name} could not be loaded safely ({first_line(exc, 160)}): the replay runs without the {what}"
 
 
 def _recorded(run_dir: Path, batch: Path | None) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[str, str]]:
     """Every recorded step of the run (later dumps win), the per-step RNG states and the newest metadata."""
     from autopsy.replay.batch import load_batches
 
-    if batch is not None:
-        files = [batch]
-    else:
-        found = []
-        for p in (run_dir / "autopsy").glob("batches-step-*.safetensors"):
-            m = _BATCH_RE.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-        files = [p for _, p in sorted(found)]
+    files = [batch] if batch is not None else list(recorded_batches(run_dir).values())
     steps: dict[int, list[dict[str, Any]]] = {}
     rng: dict[int, dict[str, Any]] = {}
     meta: dict[str, str] = {}
@@ -107,7 +98,7 @@ def _recorded(run_dir: Path, batch: Path | None) -> tuple[dict[int, list[dict[st
 def _original_trajectory(run_dir: Path) -> dict[int, dict[str, Any]]:
     """The true per-step loss and grad norm of the original run (``autopsy/losses.jsonl``)."""
     out: dict[int, dict[str, Any]] = {}
-    f = run_dir / "autopsy" / "losses.jsonl"
+    f = record_dir(run_dir) / LOSSES
     if not f.is_file():
         return out
     for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -164,8 +155,9 @@ def _optimizer_class(optim_name: str | None, saved: dict[str, Any] | None) -> An
     raise InputError(f"step replay supports torch's AdamW, Adam, SGD, Adagrad and RMSprop; this run used optim={optim_name!r}")
 
 
-def _build_optimizer(model: Any, cfg: dict[str, Any], saved: dict[str, Any] | None, notes: list[str]) -> Any:
-    """The optimizer as HF's Trainer built it (decay / no-decay groups), with ``optimizer.pt``'s state when it fits."""
+def _build_optimizer(model: Any, cfg: dict[str, Any], saved: dict[str, Any] | None, notes: list[str]) -> tuple[Any, dict[str, Any] | None]:
+    """The optimizer as HF's Trainer built it (decay / no-decay groups), and ``optimizer.pt``'s state when it fits
+    (None otherwise): Trainer loads that state after the scheduler is built, and so does the caller."""
     cls = _optimizer_class(cfg.get("optim"), saved)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = _decay_names(model)
@@ -194,9 +186,8 @@ def _build_optimizer(model: Any, cfg: dict[str, Any], saved: dict[str, Any] | No
         if mismatch:
             notes.append(f"optimizer.pt does not match the model's parameters (shapes differ at {len(mismatch)} entries): "
                          f"the replay runs with a fresh {cls.__name__}")
-            return opt
-        opt._autopsy_saved = saved  # loaded after the scheduler is built, as Trainer does
-    return opt
+            return opt, None
+    return opt, saved
 
 
 def _build_scheduler(opt: Any, cfg: dict[str, Any], max_steps: int | None, step: int, saved: dict[str, Any] | None,
@@ -274,175 +265,215 @@ def _compare_weights(model: Any, weights_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def step_replay(run_dir: str | Path, checkpoint: str | Path, *, batch: str | Path | None = None, base: Any = None,
-                device: Any = None, until: int | None = None) -> tuple[list[Finding], dict[str, Any], list[str]]:
-    """Re-run the recorded steps after ``checkpoint`` until one goes non-finite. Returns (findings, config, notes)."""
-    import torch
+@dataclass
+class _Plan:
+    """What a step replay will re-run: the recorded steps after the checkpoint, and the original run's record."""
 
-    from autopsy.detectors._common import evidence_value
-    from autopsy.importers.training_args import read_training_args
-    from autopsy.replay.checkpoint import load_model, scan_weights
-    from autopsy.replay.device import pick_device
-    from autopsy.replay.localize import localize
+    start: int
+    want: list[int]
+    steps: dict[int, list[dict[str, Any]]]
+    step_rng: dict[int, dict[str, Any]]
+    original: dict[int, dict[str, Any]]
+    orig_bad: int | None
+    max_steps: int | None
+    notes: list[str] = field(default_factory=list)
 
-    run = Path(run_dir)
-    ck = Path(checkpoint)
-    m = _CK_RE.match(ck.name)
-    ts_file = ck / "trainer_state.json"
+
+def _plan(run: Path, ck: Path, batch: Path | None, until: int | None) -> _Plan:
     tstate: dict[str, Any] = {}
-    if ts_file.is_file():
+    if (ck / "trainer_state.json").is_file():
         try:
-            tstate = json.loads(ts_file.read_text(encoding="utf-8"))
+            tstate = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             tstate = {}
-    start = int(tstate.get("global_step") or (m.group(1) if m else 0))
-    notes: list[str] = []
-    steps, step_rng, meta = _recorded(run, Path(batch) if batch else None)
+    start = int(tstate.get("global_step") or checkpoint_step(ck.name) or 0)
+    steps, step_rng, meta = _recorded(run, batch)
     if not steps:
         raise InputError(f"{run}: no recorded batches (train with autopsy.callbacks.AutopsyCallback, or pass --batch FILE)")
     original = _original_trajectory(run)
     orig_bad = _first_bad(original)
     if orig_bad is None and meta.get("first_bad_step", "").isdigit():
         orig_bad = int(meta["first_bad_step"])
-    last = until or orig_bad or max(steps)
-    want = list(range(start + 1, last + 1))
+    want = list(range(start + 1, (until or orig_bad or max(steps)) + 1))
     if not want:
-        raise InputError(f"{ck.name} is at step {start}, at or after the failing step {last}: replay from an earlier checkpoint")
+        raise InputError(f"{ck.name} is at step {start}, at or after the failing step {until or orig_bad or max(steps)}: "
+                         "replay from an earlier checkpoint")
+    plan = _Plan(start, want, steps, step_rng, original, orig_bad, tstate.get("max_steps"))
     missing = [s for s in want if s not in steps]
     if missing and missing[0] == start + 1:
-        have = f"{min(steps)}..{max(steps)}"
-        raise InputError(f"the batches of steps {missing[0]}..{missing[-1]} after {ck.name} were not recorded (recorded: {have}); "
-                         f"replay from a later checkpoint, or train with AutopsyCallback(keep_last >= save_steps)")
+        raise InputError(f"the batches of steps {missing[0]}..{missing[-1]} after {ck.name} were not recorded (recorded: "
+                         f"{min(steps)}..{max(steps)}); replay from a later checkpoint, or train with "
+                         "AutopsyCallback(keep_last >= save_steps)")
     if missing:
-        notes.append(f"the batches of steps {missing[0]}..{missing[-1]} were not recorded: the replay stops at step {missing[0] - 1}")
-        want = [s for s in want if s < missing[0]]
+        plan.notes.append(f"the batches of steps {missing[0]}..{missing[-1]} were not recorded: the replay stops at step {missing[0] - 1}")
+        plan.want = [s for s in want if s < missing[0]]
+    return plan
+
+
+@dataclass
+class _Training:
+    """The model, optimizer and scheduler restored from the checkpoint, as HF's Trainer had them."""
+
+    model: Any
+    opt: Any
+    sched: Any
+    device: Any
+    max_grad_norm: float | None  # None: clipping off
+    state_loaded: dict[str, bool]
+
+
+def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
+    from autopsy.importers.training_args import read_training_args
+    from autopsy.replay.checkpoint import load_model
+    from autopsy.replay.device import pick_device
 
     cfg, cfg_note = read_training_args(ck / "training_args.bin") if (ck / "training_args.bin").is_file() else ({}, "training_args.bin is missing")
     if cfg_note:
-        notes.append(f"{cfg_note}: HF's defaults are assumed (max_grad_norm 1.0, AdamW, linear schedule)")
+        plan.notes.append(f"{cfg_note}: HF's defaults are assumed (max_grad_norm 1.0, AdamW, linear schedule)")
     max_grad_norm = cfg.get("max_grad_norm", 1.0) if cfg else 1.0
-    clip = max_grad_norm is not None and float(max_grad_norm) > 0
     dev = pick_device(device)
-    scan = scan_weights(ck)
     model = load_model(ck, base=base, device=dev)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    opt_state, note = load_state_file(ck / "optimizer.pt", what="optimizer state (a fresh optimizer: its first steps will differ)")
-    if note:
-        notes.append(note)
-    sched_state, note = load_state_file(ck / "scheduler.pt", what=f"scheduler state (a fresh scheduler advanced to step {start})")
-    if note:
-        notes.append(note)
-    rng_state, note = load_state_file(ck / "rng_state.pth", what="checkpoint's RNG state")
-    if note:
-        notes.append(note)
-    opt = _build_optimizer(model, cfg, opt_state, notes)
-    sched = _build_scheduler(opt, cfg, tstate.get("max_steps"), start, sched_state, notes)
-    saved = getattr(opt, "_autopsy_saved", None)
-    if saved is not None:
-        opt.load_state_dict(saved)
-        del opt._autopsy_saved
+    opt_state, note1 = load_state_file(ck / "optimizer.pt", what="optimizer state (a fresh optimizer: its first steps will differ)")
+    sched_state, note2 = load_state_file(ck / "scheduler.pt", what=f"scheduler state (a fresh scheduler advanced to step {plan.start})")
+    rng_state, note3 = load_state_file(ck / "rng_state.pth", what="checkpoint's RNG state")
+    plan.notes.extend(n for n in (note1, note2, note3) if n)
+    opt, fits = _build_optimizer(model, cfg, opt_state, plan.notes)
+    sched = _build_scheduler(opt, cfg, plan.max_steps, plan.start, sched_state, plan.notes)
+    if fits is not None:
+        opt.load_state_dict(fits)
     if sched is not None and sched_state is not None:
         try:
             sched.load_state_dict(sched_state)
         except Exception as exc:  # noqa: BLE001
-            notes.append(f"scheduler.pt does not fit the rebuilt {type(sched).__name__} ({type(exc).__name__}): its state is ignored")
+            plan.notes.append(f"scheduler.pt does not fit the rebuilt {type(sched).__name__} ({type(exc).__name__}): its state is ignored")
     if isinstance(rng_state, dict):
         _set_rng(rng_state)
+    clip = max_grad_norm is not None and float(max_grad_norm) > 0
+    return _Training(model, opt, sched, dev, float(max_grad_norm) if clip else None,
+                     {"optimizer": fits is not None, "scheduler": sched_state is not None, "rng": rng_state is not None})
 
+
+def _one_step(t: _Training, micro: list[dict[str, Any]]) -> tuple[float, float]:
+    """Forward and backward of each micro-batch, then the pre-clip norm as HF computes it: (mean loss, grad norm)."""
+    import torch
+
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    losses = []
+    with torch.enable_grad():
+        for mb in micro:
+            inputs = {k: v.to(t.device) for k, v in mb.items()}
+            out = t.model(**inputs)
+            loss = out.loss if hasattr(out, "loss") else out[0]
+            # HF: a loss normalized by num_items_in_batch is already scaled for gradient accumulation
+            scaled = loss if "num_items_in_batch" in inputs or len(micro) == 1 else loss / len(micro)
+            scaled.backward()
+            losses.append(loss.detach().float())
+    gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else math.inf)
+    loss_v, gn_v = torch.stack([torch.stack(losses).mean(), gnorm.detach().float().to(losses[0].device)]).cpu().tolist()
+    return float(loss_v), float(gn_v)
+
+
+def _run_steps(t: _Training, plan: _Plan) -> tuple[list[dict[str, Any]], int | None, tuple[int, list[str]] | None]:
+    """Re-run the planned steps until one goes non-finite: (trajectory, the bad step, the first update that wrote
+    NaN/Inf into the weights)."""
     traj: list[dict[str, Any]] = []
-    bad_step: int | None = None
     poisoned: tuple[int, list[str]] | None = None
-    for s in want:
-        if s in step_rng:
-            _set_rng(step_rng[s])
-        lr = float(opt.param_groups[0]["lr"])
-        micro = steps[s]
-        losses = []
-        with torch.enable_grad():
-            for mb in micro:
-                inputs = {k: v.to(dev) for k, v in mb.items()}
-                out = model(**inputs)
-                loss = out.loss if hasattr(out, "loss") else out[0]
-                # HF: a loss normalized by num_items_in_batch is already scaled for gradient accumulation
-                scaled = loss if "num_items_in_batch" in inputs or len(micro) == 1 else loss / len(micro)
-                scaled.backward()
-                losses.append(loss.detach().float())
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm) if clip else math.inf)
-        loss_v, gn_v = torch.stack([torch.stack(losses).mean(), gnorm.detach().float().to(losses[0].device)]).cpu().tolist()
+    for s in plan.want:
+        if s in plan.step_rng:
+            _set_rng(plan.step_rng[s])
+        lr = float(t.opt.param_groups[0]["lr"])
+        loss_v, gn_v = _one_step(t, plan.steps[s])
         rec = {"step": s, "loss": evidence_value(loss_v), "grad_norm": evidence_value(gn_v), "learning_rate": evidence_value(lr)}
-        if s in original:
-            rec["original_loss"] = evidence_value(original[s].get("loss", math.nan))
+        if s in plan.original:
+            rec["original_loss"] = evidence_value(plan.original[s].get("loss", math.nan))
         traj.append(rec)
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
-            bad_step = s
-            break
-        opt.step()
-        if sched is not None:
-            sched.step()
-        model.zero_grad(set_to_none=True)
+            return traj, s, poisoned
+        t.opt.step()
+        if t.sched is not None:
+            t.sched.step()
+        t.model.zero_grad(set_to_none=True)
         if poisoned is None:
-            bad = _nonfinite_params(model)
+            bad = _nonfinite_params(t.model)
             if bad:
                 poisoned = (s, bad)
+    return traj, None, poisoned
 
+
+def _not_reproduced(run: Path, ck: Path, t: _Training, plan: _Plan, traj: list[dict[str, Any]], ev: dict[str, Any]) -> Finding:
     ran = [r["step"] for r in traj]
-    replay_ev: dict[str, Any] = {
+    last_rec = traj[-1] if traj else {"loss": math.nan, "grad_norm": math.nan}
+    ev = {"loss": last_rec["loss"], "grad_norm": last_rec["grad_norm"], **ev}
+    before = weights_dir(run, plan.orig_bad) if plan.orig_bad is not None else None
+    cause = ("the optimizer's own arithmetic on the recorded batches stays finite: the fault came from outside it "
+             "(weights written by other code, a hardware or non-deterministic kernel fault), or the wrong checkpoint/batches")
+    if before is not None and before.is_dir() and ran and ran[-1] >= plan.orig_bad - 1:  # type: ignore[operator]
+        written = _compare_weights(t.model, before)
+        ev["original_nonfinite_weights_not_reproduced"] = written
+        if written:
+            cause = (f"the original run's weights before step {plan.orig_bad} hold NaN/Inf in {', '.join(written[:4])}, which "
+                     "the replayed updates do not produce: they were written outside the optimizer step (a callback, a "
+                     "hook, a hardware fault)")
+    return Finding(
+        signature="replay_not_reproduced", severity=Severity.INFO, step=ran[-1] if ran else plan.start,
+        summary=(f"steps {ran[0]}..{ran[-1]} replayed from {ck.name} stay finite" if ran else "nothing replayed")
+        + (f" (the original run went non-finite at step {plan.orig_bad})" if plan.orig_bad is not None else ""),
+        evidence=ev, cause=cause,
+        fix="check code that touches the weights between steps and the hardware; replay again to rule out non-determinism",
+        detector="replay.step")
+
+
+def _localize_step(t: _Training, plan: _Plan, bad_step: int, ev: dict[str, Any],
+                   poisoned: tuple[int, list[str]] | None) -> list[Finding]:
+    """Localize inside the failing step, on the weights it saw (the update of that step has not run)."""
+    from autopsy.replay.localize import localize
+
+    loc: list[Finding] = []
+    for mb in plan.steps[bad_step]:
+        _set_rng(plan.step_rng.get(bad_step))
+        loc = localize(t.model, {k: v.to(t.device) for k, v in mb.items()}, step=bad_step)
+        if loc and loc[0].signature == "nonfinite_origin":
+            break
+    for f in loc:
+        f.evidence.update(ev)
+        f.detector = "replay.step"
+        if poisoned is not None and f.signature == "nonfinite_origin":
+            f.cause = f"the update of step {poisoned[0]} wrote NaN/Inf into {', '.join(poisoned[1][:4])}; " + f.cause
+    return loc
+
+
+def step_replay(run_dir: str | Path, checkpoint: str | Path, *, batch: str | Path | None = None, base: Any = None,
+                device: Any = None, until: int | None = None) -> tuple[list[Finding], dict[str, Any], list[str]]:
+    """Re-run the recorded steps after ``checkpoint`` until one goes non-finite. Returns (findings, config, notes)."""
+    run, ck = Path(run_dir), Path(checkpoint)
+    plan = _plan(run, ck, Path(batch) if batch else None, until)
+    scan = scan_weights(ck)
+    t = _restore(ck, plan, base=base, device=device)
+    traj, bad_step, poisoned = _run_steps(t, plan)
+    ran = [r["step"] for r in traj]
+    ev: dict[str, Any] = {
         "replayed_from": ck.name, "replayed_steps": [ran[0], ran[-1]] if ran else [], "first_nonfinite_step": bad_step,
-        "original_first_bad_step": orig_bad, "reproduced": bad_step is not None and (orig_bad is None or bad_step == orig_bad),
-        "max_grad_norm": max_grad_norm if clip else None, "trajectory": traj,
+        "original_first_bad_step": plan.orig_bad,
+        "reproduced": bad_step is not None and (plan.orig_bad is None or bad_step == plan.orig_bad),
+        "max_grad_norm": t.max_grad_norm, "trajectory": traj,
     }
     diffs = [abs(r["loss"] - r["original_loss"]) / max(abs(r["original_loss"]), 1e-12) for r in traj
              if isinstance(r.get("original_loss"), float) and isinstance(r["loss"], float)]
     if diffs:
-        replay_ev["max_rel_loss_diff_vs_original"] = evidence_value(max(diffs))
+        ev["max_rel_loss_diff_vs_original"] = evidence_value(max(diffs))
     if poisoned is not None:
-        replay_ev["weights_nonfinite_after_update"] = {"step": poisoned[0], "tensors": poisoned[1]}
-    config = {"checkpoint": str(ck), "mode": "step replay", "from_step": start, "device": str(dev),
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "optimizer": type(opt).__name__,
-              "scheduler": type(sched).__name__ if sched is not None else None, "max_grad_norm": max_grad_norm if clip else None,
-              "state_loaded": {"optimizer": opt_state is not None and saved is not None, "scheduler": sched_state is not None,
-                               "rng": rng_state is not None}}
+        ev["weights_nonfinite_after_update"] = {"step": poisoned[0], "tensors": poisoned[1]}
+    config = {"checkpoint": str(ck), "mode": "step replay", "from_step": plan.start, "device": str(t.device),
+              "dtype": str(next(t.model.parameters()).dtype).replace("torch.", ""), "optimizer": type(t.opt).__name__,
+              "scheduler": type(t.sched).__name__ if t.sched is not None else None, "max_grad_norm": t.max_grad_norm,
+              "state_loaded": t.state_loaded}
     findings: list[Finding] = []
-    from autopsy.replay import weights_finding
-
-    wf = weights_finding(scan, step=start)
+    wf = weights_finding(scan.path, scan.nonfinite, tensors=scan.tensors, step=plan.start)
     if wf is not None:
         findings.append(wf)
     if bad_step is None:
-        last_rec = traj[-1] if traj else {"loss": math.nan, "grad_norm": math.nan}
-        ev = {"loss": last_rec["loss"], "grad_norm": last_rec["grad_norm"], **replay_ev}
-        before = run / "autopsy" / f"weights-before-step-{orig_bad}"
-        cause = ("the optimizer's own arithmetic on the recorded batches stays finite: the fault came from outside it "
-                 "(weights written by other code, a hardware or non-deterministic kernel fault), or the wrong checkpoint/batches")
-        if orig_bad is not None and before.is_dir() and ran and ran[-1] >= orig_bad - 1:
-            written = _compare_weights(model, before)
-            ev["original_nonfinite_weights_not_reproduced"] = written
-            if written:
-                cause = (f"the original run's weights before step {orig_bad} hold NaN/Inf in {', '.join(written[:4])}, which the "
-                         "replayed updates do not produce: they were written outside the optimizer step (a callback, a hook, "
-                         "a hardware fault)")
-        findings.append(Finding(
-            signature="replay_not_reproduced", severity=Severity.INFO, step=ran[-1] if ran else start,
-            summary=(f"steps {ran[0]}..{ran[-1]} replayed from {ck.name} stay finite" if ran else "nothing replayed")
-            + (f" (the original run went non-finite at step {orig_bad})" if orig_bad is not None else ""),
-            evidence=ev, cause=cause,
-            fix="check code that touches the weights between steps and the hardware; replay again to rule out non-determinism",
-            detector="replay.step"))
-        return findings, config, notes
-
-    # localize inside the failing step, on the weights it saw (the update of that step has not run)
-    loc: list[Finding] = []
-    for mb in steps[bad_step]:
-        _set_rng(step_rng.get(bad_step))
-        loc = localize(model, {k: v.to(dev) for k, v in mb.items()}, step=bad_step)
-        if loc and loc[0].signature == "nonfinite_origin":
-            break
-    for f in loc:
-        f.evidence.update(replay_ev)
-        f.detector = "replay.step"
-        if poisoned is not None and f.signature == "nonfinite_origin":
-            f.cause = (f"the update of step {poisoned[0]} wrote NaN/Inf into {', '.join(poisoned[1][:4])}; " + f.cause)
-    findings.extend(loc)
-    return findings, config, notes
+        findings.append(_not_reproduced(run, ck, t, plan, traj, ev))
+    else:
+        findings.extend(_localize_step(t, plan, bad_step, ev, poisoned))
+    return findings, config, plan.notes

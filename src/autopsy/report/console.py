@@ -5,15 +5,8 @@ from __future__ import annotations
 import io
 
 from autopsy.findings import Report, Severity
-from autopsy.report._common import (
-    config_summary,
-    first_bad_step,
-    format_evidence,
-    format_value,
-    format_wall,
-    restart_advice,
-    step_wall_times,
-)
+from autopsy.report._format import format_evidence, format_value, format_wall
+from autopsy.report.summary import summarize
 
 __all__ = ["render_console"]
 
@@ -31,21 +24,21 @@ def render_console(report: Report, *, width: int | None = None, color: bool | No
     console = Console(file=buf, width=width or 110, force_terminal=bool(color), color_system="standard" if color else None,
                       highlight=False, soft_wrap=False)
     for run in report.runs:
+        summary = summarize(run)
         worst = run.worst
         style = _STYLE.get(worst, "green") if worst is not None and worst >= Severity.WARNING else "bold green"
         head = Text()
         head.append(f"{run.run}", style="bold")
         head.append(f"  ({', '.join(run.sources) or 'no source'})  {run.path}\n", style="dim")
-        head.append(run.verdict(), style=style)
-        bad = first_bad_step(run)
+        head.append(summary.verdict, style=style)
+        bad = summary.first_bad_step
         if bad is not None:
-            wall = format_wall(bad, step_wall_times(run))
+            wall = format_wall(bad, summary.walls)
             head.append(f"\nfirst bad step: {bad}" + (f" ({wall})" if wall else ""))
-        advice = restart_advice(run)
-        if advice:
-            head.append(f"\n{advice}", style="bold")
+        if summary.restart:
+            head.append(f"\n{summary.restart}", style="bold")
         console.print(Panel(head, title="autopsy", title_align="left", border_style=style.split()[-1] if worst else "green"))
-        shown = [f for f in run.sorted_findings() if verbose or f.severity >= Severity.INFO]
+        shown = [f for f in summary.findings if verbose or f.severity >= Severity.INFO]
         if shown:
             table = Table(show_header=True, header_style="bold", expand=True, show_lines=True)
             table.add_column("severity", no_wrap=True)
@@ -64,7 +57,7 @@ def render_console(report: Report, *, width: int | None = None, color: bool | No
                     body.append(f"\nfix: {f.fix}", style="green")
                 table.add_row(Text(str(f.severity), style=_STYLE[f.severity]), f.signature, step, body)
             console.print(table)
-        cfg = config_summary(run)
+        cfg = summary.config
         if cfg:
             console.print("config: " + "; ".join(f"{k}={format_value(v)}" for k, v in cfg.items()), style="dim", markup=False)
         info = run.info

@@ -13,20 +13,8 @@ import json
 from typing import Any
 
 from autopsy.findings import Finding, Report, RunReport, Severity
-from autopsy.report._common import (
-    comparison_rows,
-    config_summary,
-    first_bad_step,
-    format_value,
-    format_wall,
-    last_step,
-    replay_evidence,
-    replay_findings,
-    restart_advice,
-    status_word,
-    step_range,
-    step_wall_times,
-)
+from autopsy.report._format import format_value, format_wall, replay_evidence, step_range
+from autopsy.report.summary import FleetSummary, RunSummary, display_path, summarize_fleet
 
 __all__ = ["CSP", "render_html"]
 
@@ -90,41 +78,28 @@ def _val(v: Any) -> str:
     return _e(format_value(v))
 
 
-def _strip_word(verdict: str, word: str) -> str:
-    """The verdict line without the status word the box already shows in large type."""
-    return verdict[len(word) + 2:] if verdict.startswith(word + ": ") else verdict
-
-
-def _verdict(run: RunReport, idx: int) -> list[str]:
-    worst = run.worst
-    cls = _SEV_CLASS[worst] if worst is not None and worst >= Severity.WARNING else "ok"
-    findings = run.sorted_findings()
-    top = findings[0] if findings and worst is not None and worst >= Severity.WARNING else None
-    bad = first_bad_step(run)
-    last = last_step(run)
-    walls = step_wall_times(run)
-    out = [f'<div class="verdict sev-{cls}" id="verdict-{idx}">',
-           f'<div class="status">{_e(status_word(run))}</div>',
-           f'<div class="line">{_e(_strip_word(run.verdict(), status_word(run)))}</div>', "<dl>"]
+def _verdict(sm: RunSummary, idx: int) -> list[str]:
+    top = sm.lead
+    cls = _SEV_CLASS[top.severity] if top is not None else "ok"
+    line = sm.verdict[len(sm.word) + 2:] if top is not None else sm.verdict
+    out = [f'<div class="verdict sev-{cls}" id="verdict-{idx}">', f'<div class="status">{_e(sm.word)}</div>',
+           f'<div class="line">{_e(line)}</div>', "<dl>"]
     if top is not None:
-        where = f"step {bad if bad is not None else top.step}"
-        max_steps = getattr(run.info, "max_steps", None) if run.info is not None else None
-        if last is not None:
-            where += f" (run logged up to step {last}" + (f" of {max_steps} planned" if max_steps else "") + ")"
-        wall = format_wall(bad if bad is not None else top.step, walls)
+        where = f"step {top.step}" if top.step is not None else "the whole run"
+        if sm.last_step is not None:
+            where += f" (run logged up to step {sm.last_step}" + (f" of {sm.max_steps} planned" if sm.max_steps else "") + ")"
+        wall = format_wall(top.step, sm.walls)
         if wall:
             where += f", {wall}"
-        out += [f"<dt>Where</dt><dd>{_e(where)}</dd>",
-                f"<dt>Why</dt><dd>{_e(top.cause or top.summary)}</dd>"]
+        out += [f"<dt>Where</dt><dd>{_e(where)}</dd>", f"<dt>Why</dt><dd>{_e(top.cause or top.summary)}</dd>"]
         if top.fix:
             out.append(f"<dt>What to do</dt><dd>{_e(top.fix)}</dd>")
-        advice = restart_advice(run, first_bad=bad)
-        if advice:
-            out.append(f'<dt>Restart</dt><dd class="restart">{_e(advice)}</dd>')
+        if sm.restart:
+            out.append(f'<dt>Restart</dt><dd class="restart">{_e(sm.restart)}</dd>')
     else:
-        out.append(f"<dt>Steps</dt><dd>{_e(last if last is not None else 'unknown')}</dd>")
+        out.append(f"<dt>Steps</dt><dd>{_e(sm.last_step if sm.last_step is not None else 'unknown')}</dd>")
     out.append("</dl>")
-    shown = [f for f in findings if f.severity >= Severity.WARNING]
+    shown = [f for f in sm.findings if f.severity >= Severity.WARNING]
     if shown:
         chips = "".join(f'<span class="chip sev-bg-{_SEV_CLASS[f.severity]}">{_e(f.signature)}'
                         f'{"" if f.step is None else " @ " + str(f.step)}</span>' for f in shown)
@@ -151,12 +126,12 @@ def _plots(run: RunReport, idx: int) -> list[str]:
     return out
 
 
-def _timeline(run: RunReport, idx: int) -> list[str]:
-    findings = sorted(run.findings, key=lambda f: (f.step if f.step is not None else 1 << 62, -int(f.severity), f.signature))
+def _timeline(sm: RunSummary) -> list[str]:
+    findings = sm.timeline
     if not findings:
         return []
-    walls = step_wall_times(run)
-    last = last_step(run) or max((f.end_step or f.step or 0) for f in findings) or 1
+    walls = sm.walls
+    last = sm.last_step or max((f.end_step or f.step or 0) for f in findings) or 1
     has_wall = not walls.empty
     out = ["<h3>Timeline</h3>", '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>' + ("<th>wall time</th>" if has_wall else "")
            + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>"]
@@ -194,8 +169,8 @@ def _finding(f: Finding, idx: int, j: int) -> list[str]:
     return out
 
 
-def _replay(run: RunReport) -> list[str]:
-    found = replay_findings(run)
+def _replay(sm: RunSummary) -> list[str]:
+    found = sm.replay
     if not found:
         return []
     out = ["<h3>Replay</h3>", "<table><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>"]
@@ -206,9 +181,9 @@ def _replay(run: RunReport) -> list[str]:
     return out
 
 
-def _config(run: RunReport) -> list[str]:
-    cfg = config_summary(run)
-    full = run.config or {}
+def _config(sm: RunSummary) -> list[str]:
+    cfg = sm.config
+    full = sm.run.config or {}
     if not cfg and not full:
         return ["<h3>Config</h3>", '<p class="muted">no config found in the logs</p>']
     out = ["<h3>Config</h3>"]
@@ -225,7 +200,7 @@ def _config(run: RunReport) -> list[str]:
 
 def _sources(run: RunReport) -> list[str]:
     out = ["<h3>Sources read</h3>", "<table>",
-           f"<tr><th>path</th><td class='mono'>{_e(run.path or '')}</td></tr>",
+           f"<tr><th>path</th><td class='mono'>{_e(display_path(run.path))}</td></tr>",
            f"<tr><th>sources</th><td>{_e(', '.join(run.sources) or 'none')}</td></tr>"]
     info = run.info
     files = list(getattr(info, "files", []) or []) if info is not None else []
@@ -257,10 +232,10 @@ def _sources(run: RunReport) -> list[str]:
     return out
 
 
-def _comparison(report: Report) -> list[str]:
-    rows = comparison_rows(report.runs)
+def _comparison(fleet: FleetSummary) -> list[str]:
+    rows = fleet.rows()
     cols = list(rows[0])
-    out = ['<section class="run" id="comparison"><h2>Comparison</h2><table><thead><tr>'
+    out = [f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table><thead><tr>'
            + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
     for i, r in enumerate(rows):
         cells = [f'<td><a href="#run-{i}">{_e(r["run"])}</a></td>'] + [f"<td>{_e(r[c])}</td>" for c in cols[1:]]
@@ -279,21 +254,22 @@ def render_html(report: Report, *, plots: bool = True, title: str | None = None)
                        f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>']
     if not report.runs:
         body.append('<p class="muted">no run found</p>')
+    fleet = summarize_fleet(report)
     if len(report.runs) > 1:
-        body += _comparison(report)
-    for i, run in enumerate(report.runs):
+        body += _comparison(fleet)
+    for i, sm in enumerate(fleet.runs):
+        run = sm.run
         body.append(f'<section class="run" id="run-{i}"><h2>{_e(run.run)}</h2>')
-        body += _verdict(run, i)
+        body += _verdict(sm, i)
         if plots:
             body += _plots(run, i)
-        body += _timeline(run, i)
-        findings = run.sorted_findings()
-        if findings:
+        body += _timeline(sm)
+        if sm.findings:
             body.append("<h3>Findings</h3>")
-            for j, f in enumerate(findings):
+            for j, f in enumerate(sm.findings):
                 body += _finding(f, i, j)
-        body += _replay(run)
-        body += _config(run)
+        body += _replay(sm)
+        body += _config(sm)
         body += _sources(run)
         body.append("</section>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"

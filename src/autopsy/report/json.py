@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from autopsy.findings import Report
+from autopsy.report.summary import summarize_fleet
 
 __all__ = ["render_json", "report_to_dict", "strict"]
 
@@ -41,14 +42,19 @@ def strict(obj: Any, _depth: int = 0) -> Any:
 
 def report_to_dict(report: Report) -> dict[str, Any]:
     runs = []
-    for r in report.runs:
+    fleet = summarize_fleet(report)
+    for sm in fleet.runs:
+        r = sm.run
         entry: dict[str, Any] = {
             "run": r.run,
             "path": r.path,
             "sources": r.sources,
             "config": r.config,
-            "verdict": r.verdict(),
-            "findings": [f.to_dict() for f in r.sorted_findings()],
+            "status": sm.status,
+            "verdict": sm.verdict,
+            "first_bad_step": sm.first_bad_step,
+            "restart": sm.restart,
+            "findings": [f.to_dict() for f in sm.findings],
             "skipped": r.skipped,
         }
         if r.errors:
@@ -66,7 +72,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
                 "notes": info.notes,
             }
         runs.append(entry)
-    return {"autopsy_version": report.version, "runs": runs}
+    return {"autopsy_version": report.version, "summary": {"runs": len(runs), **fleet.counts}, "runs": runs}
 
 
 def render_json(report: Report) -> str:

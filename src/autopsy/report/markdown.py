@@ -10,20 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from autopsy.findings import Report, RunReport, Severity
-from autopsy.report._common import (
-    comparison_rows,
-    config_summary,
-    first_bad_step,
-    format_evidence,
-    format_value,
-    format_wall,
-    replay_evidence,
-    replay_findings,
-    restart_advice,
-    step_range,
-    step_wall_times,
-)
+from autopsy.findings import Report, RunReport
+from autopsy.report._format import format_evidence, format_value, format_wall, replay_evidence, step_range
+from autopsy.report.summary import RunSummary, display_path, summarize_fleet
 
 __all__ = ["render_markdown"]
 
@@ -64,30 +53,33 @@ def _plots(run: RunReport, idx: int, plots_dir: Path, plots_link: str) -> list[s
     return lines
 
 
-def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
-    lines = [f"## {_cell(run.run)}", "", f"**Verdict:** {_cell(run.verdict())}", ""]
-    walls = step_wall_times(run)
-    top = run.sorted_findings()[0] if run.findings else None
-    if top is not None and top.severity >= Severity.WARNING:
-        bad = first_bad_step(run)
-        step = bad if bad is not None else top.step
-        wall = format_wall(step, walls)
-        lines += [f"- **Where:** step {step}" + (f" ({wall})" if wall else ""), f"- **Why:** {_cell(top.cause or top.summary)}"]
+def _verdict(sm: RunSummary) -> list[str]:
+    lines = [f"**Verdict:** {_cell(sm.verdict)}", ""]
+    top = sm.lead
+    if top is not None:
+        wall = format_wall(top.step, sm.walls)
+        if top.step is not None:
+            lines.append(f"- **Where:** step {top.step}" + (f" ({wall})" if wall else ""))
+        lines.append(f"- **Why:** {_cell(top.cause or top.summary)}")
         if top.fix:
             lines.append(f"- **What to do:** {_cell(top.fix)}")
-        advice = restart_advice(run, first_bad=bad)
-        if advice:
-            lines.append(f"- **Restart:** {_cell(advice)}")
+        if sm.restart:
+            lines.append(f"- **Restart:** {_cell(sm.restart)}")
         lines.append("")
-    lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(run.path)}", ""]
+    return lines
+
+
+def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
+    run = sm.run
+    lines = [f"## {_cell(run.run)}", "", *_verdict(sm)]
+    lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(display_path(run.path))}", ""]
     if plots_dir is not None:
         lines += _plots(run, idx, plots_dir, plots_link)
-    findings = run.sorted_findings()
+    findings = sm.findings
     if findings:
-        timeline = sorted(findings, key=lambda f: (f.step if f.step is not None else 1 << 62, -int(f.severity), f.signature))
         lines += ["### Timeline", "", "| step | wall time | severity | signature | metric | summary |", "|---:|---|---|---|---|---|"]
-        lines += [f"| {step_range(f)} | {format_wall(f.step, walls)} | {f.severity} | `{f.signature}` | "
-                  f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |" for f in timeline]
+        lines += [f"| {step_range(f)} | {format_wall(f.step, sm.walls)} | {f.severity} | `{f.signature}` | "
+                  f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |" for f in sm.timeline]
         lines.append("")
         lines += ["### Findings", ""]
         for f in findings:
@@ -100,13 +92,13 @@ def _run(run: RunReport, idx: int, plots_dir: Path | None, plots_link: str) -> l
             if f.fix:
                 lines += [f"- **Fix:** {_cell(f.fix)}"]
             lines.append("")
-    replay = replay_findings(run)
+    replay = sm.replay
     if replay:
         lines += ["### Replay", "", "| signature | step | evidence |", "|---|---:|---|"]
         lines += [f"| `{f.signature}` | {step_range(f)} | "
                   + _cell("; ".join(f"{k}={format_value(v)}" for k, v in replay_evidence(f).items())) + " |" for f in replay]
         lines.append("")
-    cfg = config_summary(run)
+    cfg = sm.config
     if cfg:
         lines += ["### Config", "", "| setting | value |", "|---|---|"]
         lines += [f"| {_cell(k)} | {_cell(format_value(v))} |" for k, v in cfg.items()]
@@ -134,12 +126,13 @@ def render_markdown(report: Report, *, plots_dir: str | Path | None = None, plot
     pdir = Path(plots_dir) if plots_dir is not None else None
     link = plots_link if plots_link is not None else (pdir.name if pdir is not None else "")
     lines = ["# autopsy report", "", f"autopsy {report.version}", ""]
+    fleet = summarize_fleet(report)
     if len(report.runs) > 1:
-        rows = comparison_rows(report.runs)
+        rows = fleet.rows()
         cols = list(rows[0])
-        lines += ["## Comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["## Summary", "", fleet.count_line, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
         lines.append("")
-    for i, run in enumerate(report.runs):
-        lines += _run(run, i, pdir, link)
+    for i, sm in enumerate(fleet.runs):
+        lines += _run(sm, i, pdir, link)
     return "\n".join(lines).rstrip() + "\n"

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._common import loss_metrics
 from autopsy.findings import Finding, RunReport, Severity
-from autopsy.frame import series
+from autopsy.metrics import loss_metrics
+from autopsy.runinfo import configured_max_grad_norm, warmup_end_step
+from autopsy.series import metric_names, series
 
 __all__ = ["Plot", "downsample_minmax", "grad_norm_threshold", "run_plots"]
 
@@ -89,20 +89,8 @@ def grad_norm_threshold(run: RunReport) -> tuple[float | None, bool]:
 
     A threshold of 0 or below means clipping is off: ``(None, False)``.
     """
-    cfg = dict(run.config or {})
-    if run.info is not None:
-        for k, v in (run.info.config or {}).items():
-            cfg.setdefault(k, v)
-    value = cfg.get("max_grad_norm")
-    if value is None:
-        return 1.0, True
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return 1.0, True
-    if not math.isfinite(v) or v <= 0:
-        return None, False
-    return v, False
+    said, value = configured_max_grad_norm(run.info)
+    return (value, False) if said else (1.0, True)
 
 
 def _fmt_num(v: float) -> str:
@@ -189,7 +177,7 @@ def _finding_marks(canvas: _Canvas, findings: list[Finding], metrics: set[str], 
 
 def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height: float, fmt: str) -> Plot | None:
     frame = run.frame
-    metrics = loss_metrics(frame)
+    metrics = loss_metrics(metric_names(frame))
     if not metrics:
         return None
     c = _Canvas("loss (train / eval)", width=width, height=height)
@@ -250,14 +238,12 @@ def _lr_plot(run: RunReport, findings: list[Finding], *, width: float, height: f
     s = series(run.frame, "train/learning_rate")
     if s.empty:
         return None
-    from autopsy.detectors._common import warmup_end_step
-
     c = _Canvas("learning rate", width=width, height=height)
     c.ax.set_ylabel("lr")
     c.line(s, label="train/learning_rate", color=_SERIES_COLORS[2], marker=False)
     c.ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     try:
-        warm = warmup_end_step(run.frame, run.info)
+        warm = warmup_end_step(run.info, s)
     except Exception:  # noqa: BLE001 - an annotation never breaks the report
         warm = None
     if warm:

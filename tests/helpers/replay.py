@@ -10,7 +10,6 @@ import tinyllama
 
 def make_batch(path: Path, *, rows: int = 2, seq: int = 16, seed: int = 0, **override: Any) -> Path:
     """A real batch from the fixture tokenizer, written as a plain safetensors batch file."""
-    import torch
     from safetensors.torch import save_file
 
     tok = tinyllama.make_tokenizer()

@@ -48,7 +48,13 @@ def write_hf_run(log_dir: Path, *, steps: range = range(0, 41), texts: bool = Tr
 def write_tensor_scalars(log_dir: Path) -> tuple[Path, dict[str, float]]:
     """Scalar tensors of several dtypes and encodings, written with tensorboard's own EventFileWriter."""
     import numpy as np
-    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.compat.proto import (
+        event_pb2,
+        summary_pb2,
+        tensor_pb2,
+        tensor_shape_pb2,
+        types_pb2,
+    )
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from autopsy.findings import Finding, Report, RunReport, Severity
-from autopsy.frame import Damage, RunInfo, make_frame
+from autopsy.frame import make_frame
+from autopsy.runinfo import Damage, RunInfo, attach_runs
 
 HOSTILE = '<script>alert("x")</script>&run|1'
 
@@ -47,7 +48,7 @@ def synthetic_run(name: str = HOSTILE, *, failed: bool = True) -> RunReport:
                    damage=[Damage(file="runs/x/events.out.tfevents.1", offset=4096, problem="truncated record <crc>",
                                   salvaged="212 of 230 events")],
                    notes=["1 console log skipped: no timestamps"])
-    frame.attrs["runs"] = {name: info}
+    attach_runs(frame, {name: info})
     findings = []
     if failed:
         restart = {"restart_checkpoint": f"runs/{name}/checkpoint-30", "restart_step": 30, "steps_to_redo": 1}

@@ -1,4 +1,4 @@
-"""Paths shared by the tests (importable as ``_paths`` from any test module, whatever conftest is nearest)."""
+"""Paths shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "fixtures"
 RUNS = FIXTURES / "runs"
 SHARED = REPO.parent / "shared"

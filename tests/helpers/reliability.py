@@ -11,10 +11,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "fixtures" / "damaged"))
-
-import make_damaged  # noqa: E402
+from damaged import make_damaged
 
 __all__ = ["cli_inprocess", "cli_subprocess", "has_module", "make_damaged", "snapshot"]
 

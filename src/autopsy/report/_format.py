@@ -1,0 +1,79 @@
+"""How values read in every format: numbers to 4 significant digits, steps and spans, wall times, evidence."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+import pandas as pd
+
+from autopsy.findings import Finding
+
+__all__ = ["format_evidence", "format_number", "format_value", "format_wall", "replay_evidence", "step_range"]
+
+
+def format_number(v: float | int) -> str:
+    """4 significant digits, e-notation where that is shorter: ``4773450000.0`` -> ``4.773e+09``, ``0.0005`` ->
+    ``0.0005``, ``1.2e-05`` -> ``1.2e-05``; ints stay whole."""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    x = float(v)
+    if not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return f"{x:.4g}"
+
+
+def format_value(v: Any, *, limit: int = 8) -> str:
+    """A value of the evidence or the config as one short line."""
+    if isinstance(v, (float, int)) and not isinstance(v, bool):
+        return format_number(v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={format_value(x, limit=limit)}" for k, x in list(v.items())[:limit]) + (
+            f" (+{len(v) - limit} more)" if len(v) > limit else "")
+    if isinstance(v, (list, tuple)):
+        return ", ".join(format_value(x, limit=limit) for x in v[:limit]) + (f" (+{len(v) - limit} more)" if len(v) > limit else "")
+    return str(v)
+
+
+def format_evidence(f: Finding, limit: int = 12) -> str:
+    items = list(f.evidence.items())[:limit]
+    return "; ".join(f"{k}={format_value(v)}" for k, v in items)
+
+
+def format_wall(step: int | None, walls: pd.Series) -> str:
+    """``2024-05-01 12:00:03 UTC (+1h02m)`` for a step, from the nearest logged step at or before it; '' when unknown."""
+    if step is None or walls.empty:
+        return ""
+    i = int(walls.index.searchsorted(int(step), side="right")) - 1
+    if i < 0:
+        return ""
+    t = float(walls.iloc[i])
+    start = float(walls.iloc[0])
+    stamp = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    secs = int(round(t - start))
+    h, rem = divmod(secs, 3600)
+    m, s = divmod(rem, 60)
+    elapsed = f"+{h}h{m:02d}m" if h else f"+{m}m{s:02d}s"
+    return f"{stamp} ({elapsed})"
+
+
+def step_range(f: Finding) -> str:
+    if f.step is None:
+        return ""
+    return str(f.step) if f.end_step in (None, f.step) else f"{f.step}–{f.end_step}"
+
+
+# the evidence keys docs/SIGNATURES.md names for each replay signature, shown first
+REPLAY_KEYS = ("module", "phase", "dtype", "finite_in_float32", "max_abs_input", "tensors", "count", "rows", "problem",
+               "loss", "grad_norm", "checkpoint", "batch")
+
+
+def replay_evidence(f: Finding) -> dict[str, Any]:
+    """The evidence of a replay finding, its contract keys first."""
+    ev = f.evidence
+    out = {k: ev[k] for k in REPLAY_KEYS if k in ev}
+    out.update({k: v for k, v in ev.items() if k not in out})
+    return out
