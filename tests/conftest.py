@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from helpers.paths import RUNS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,6 @@ from autopsy.series import series
 def recorded_run(tmp_path_factory):
     pytest.importorskip("transformers")
     import tinyllama
-
     from autopsy.callbacks import AutopsyCallback
 
     out = tmp_path_factory.mktemp("cb") / "run"

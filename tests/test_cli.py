@@ -79,7 +79,7 @@ def test_checkpoint_dir_and_single_file(nan_run):
 def test_console_report_verdict_first(nan_run):
     r = autopsy_cli("analyze", nan_run)
     assert r.returncode == 0
-    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert "FAILED" in "\n".join(lines[:4])
     assert "nan_grad_norm" in r.stdout and "checkpoint-30" in r.stdout
 

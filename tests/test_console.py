@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.detect import detect
 
 from autopsy import analyze
 from autopsy.frame import make_frame
@@ -22,13 +21,15 @@ from autopsy.importers.console import parse_console_text
 from autopsy.memory_estimate import estimate_training_memory
 from autopsy.runinfo import RunInfo, attach_runs, catalog, run_info
 from autopsy.series import series
+from helpers.detect import detect
 
 
 @pytest.fixture(scope="session")
 def trainer_console(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A real Trainer run (inf planted after step 30) whose stdout+stderr and HF log lines are captured to a .log."""
-    import tinyllama
     import transformers
+
+    import tinyllama
 
     out = tmp_path_factory.mktemp("console") / "run"
     buf = io.StringIO()

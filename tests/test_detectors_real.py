@@ -6,10 +6,10 @@ import math
 import warnings
 
 import pytest
-from helpers.paths import REAL_LOGS, needs_shared
 
 from autopsy import analyze
 from autopsy.findings import Severity
+from helpers.paths import REAL_LOGS, needs_shared
 
 LLMS = "llms-final-output-runs/output/runs/"
 

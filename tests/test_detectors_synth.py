@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.detect import detect
 
 from autopsy import analyze
 from autopsy.findings import Severity
 from autopsy.frame import make_frame
 from autopsy.runinfo import RunInfo, attach_runs, run_info
 from autopsy.synth import make_run
+from helpers.detect import detect
 
 MINE = {"loss_spike", "divergence", "plateau", "oscillation", "epoch_boundary_drop", "exploding_gradients",
         "vanishing_gradients", "clip_saturation", "overfitting", "eval_flat", "sparse_eval", "throughput_drop",

@@ -8,7 +8,7 @@ HEAVY = ("torch", "transformers", "wandb", "tensorboard", "tbparse", "safetensor
 
 
 def test_import_autopsy_loads_no_heavy_module():
-    code = "import sys, json, autopsy; print(json.dumps([m for m in %r if m in sys.modules]))" % (HEAVY,)
+    code = f"import sys, json, autopsy; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
@@ -18,8 +18,8 @@ def test_loading_a_trainer_state_run_imports_no_heavy_module(tmp_path):
 
     path = RUNS / "healthy" / "trainer_state.json"
     code = (
-        "import sys, json, autopsy; f = autopsy.load(%r); autopsy.analyze(f); "
-        "print(json.dumps([m for m in ('torch', 'transformers', 'wandb', 'tensorboard') if m in sys.modules]))" % str(path)
+        f"import sys, json, autopsy; f = autopsy.load({str(path)!r}); autopsy.analyze(f); "
+        "print(json.dumps([m for m in ('torch', 'transformers', 'wandb', 'tensorboard') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

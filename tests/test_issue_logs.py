@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-from helpers.paths import ISSUE_LOGS, needs_shared
 
 from autopsy import analyze
 from autopsy.detectors._registry import registered
@@ -21,6 +20,7 @@ from autopsy.findings import Severity
 from autopsy.importers import load
 from autopsy.runinfo import catalog
 from autopsy.series import series
+from helpers.paths import ISSUE_LOGS, needs_shared
 
 # name -> expect, forbid, series checks {metric: (kind, args)}, known exceptions {signature: reason}
 CASES: dict[str, dict] = {

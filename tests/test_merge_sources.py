@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.paths import RUNS
-from helpers.wandb_runs import rows_from_log_history, write_runs
 
 from autopsy.analysis import analyze
 from autopsy.importers import load
-from autopsy.runinfo import run_info
-from autopsy.series import runs_of, series
+from autopsy.runinfo import run_info, runs_of
+from autopsy.series import series
+from helpers.paths import RUNS
+from helpers.wandb_runs import rows_from_log_history, write_runs
 
 EXTRA = "train/tokens_per_second"  # a metric only the W&B run has (a user's own callback)
 

@@ -7,6 +7,8 @@ import json
 import shutil
 
 import pytest
+
+from autopsy.errors import AutopsyError
 from helpers.reliability import (
     cli_inprocess,
     cli_subprocess,
@@ -14,8 +16,6 @@ from helpers.reliability import (
     make_damaged,
     snapshot,
 )
-
-from autopsy.errors import AutopsyError
 
 NAN_RUN = make_damaged.NAN_RUN
 FORMATS = ["json", "markdown", "console"] + (["html"] if has_module("autopsy.report.html") else [])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers.reliability import cli_inprocess, has_module, make_damaged, snapshot
 
 CASES = list(make_damaged.CASES)

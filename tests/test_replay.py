@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers.paths import REPO
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import helpers.replay as S  # noqa: E402
-
 from autopsy.cli import main  # noqa: E402
 
 
@@ -245,7 +245,6 @@ def test_weights_detector_names_last_finite_checkpoint(nan_run):
 def recorded_run(tmp_path_factory: pytest.TempPathFactory):
     """A real Trainer run with AutopsyCallback(stop_on='nonfinite') and an inf planted after step 20."""
     import tinyllama
-
     from autopsy.callbacks import AutopsyCallback
 
     out = tmp_path_factory.mktemp("recorded") / "run"

@@ -29,7 +29,6 @@ UP = "model.layers.1.mlp.up_proj"
 
 def _train(out: Path, **kw):
     import tinyllama
-
     from autopsy.callbacks import AutopsyCallback
 
     cb = AutopsyCallback(stop_on="nonfinite", keep_last=10)
@@ -142,7 +141,6 @@ def test_batches_not_recorded_since_the_checkpoint_is_one_line_error(planted_run
 def test_callback_dumps_the_batches_of_a_loss_spike(tmp_path):
     """A real run that memorizes one text for 40 steps, then meets a batch of random text at step 41."""
     import tinyllama
-
     from autopsy.callbacks import AutopsyCallback
     from autopsy.replay.batch import load_batches
 

@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.browser import CHROMIUM, open_page
-from helpers.report import synthetic_report
 
 from autopsy.report import render
+from helpers.browser import CHROMIUM, open_page
+from helpers.report import synthetic_report
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 

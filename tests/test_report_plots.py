@@ -6,11 +6,11 @@ import base64
 
 import numpy as np
 import pytest
-from helpers.report import synthetic_report
 
 from autopsy.findings import RunReport
 from autopsy.frame import make_frame
 from autopsy.report.plots import downsample_minmax, grad_norm_threshold, run_plots
+from helpers.report import synthetic_report
 
 
 def test_downsample_keeps_a_one_step_spike_in_a_million_points():

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.report import HOSTILE, synthetic_report
 
 from autopsy.report import render
+from helpers.report import HOSTILE, synthetic_report
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AUTOPSY_UPDATE_GOLDEN") == "1"

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.paths import REAL_LOGS, REPO, needs_shared
-from helpers.tb import HF_ARGS, HF_MODEL, loss_at, write_hf_run, write_tensor_scalars
 
 import autopsy
 from autopsy.importers import read_files
@@ -22,6 +20,8 @@ from autopsy.importers.discover import find_runs
 from autopsy.importers.tensorboard import read_event_file
 from autopsy.runinfo import catalog, run_info
 from autopsy.series import series
+from helpers.paths import REAL_LOGS, REPO, needs_shared
+from helpers.tb import HF_ARGS, HF_MODEL, loss_at, write_hf_run, write_tensor_scalars
 
 pytest.importorskip("tbparse")
 pytest.importorskip("torch")
@@ -285,7 +285,7 @@ def test_truncated_last_record_is_salvaged(hf_file: Path, tmp_path: Path) -> Non
     frame = read_files("tensorboard", [path], run="r")
     info = run_info(frame)
     assert len(frame) == len(intact) - 1  # every record but the cut one
-    _same(frame, intact.iloc[: len(intact)].loc[lambda f: ~((f["raw_metric"] == "train/big_step"))])
+    _same(frame, intact.iloc[: len(intact)].loc[lambda f: ~(f["raw_metric"] == "train/big_step")])
     (damage,) = info.damage
     assert "truncated last record" in damage.problem
     assert damage.offset == scan(data).data_start[-1] - 12

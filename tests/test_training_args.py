@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.paths import REAL_LOGS, RUNS
 
 from autopsy.importers import training_args as ta
 from autopsy.importers.training_args import read_training_args
+from helpers.paths import REAL_LOGS, RUNS
 
 FIXTURE_FILES = sorted(RUNS.glob("*/checkpoint-*/training_args.bin"))
 MiB = 2**20

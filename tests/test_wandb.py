@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.paths import REAL_LOGS, needs_shared
-from helpers.wandb_runs import nan151_rows, write_runs
 
 from autopsy.errors import AutopsyError
 from autopsy.importers import load, read_files
@@ -22,6 +20,8 @@ from autopsy.importers.discover import find_runs
 from autopsy.importers.wandb_api import from_api_run
 from autopsy.runinfo import catalog, run_info
 from autopsy.series import series
+from helpers.paths import REAL_LOGS, needs_shared
+from helpers.wandb_runs import nan151_rows, write_runs
 
 HF_CONFIG = {"max_steps": 200, "logging_steps": 1, "eval_steps": 25, "save_steps": 50, "learning_rate": 1e-3,
              "max_grad_norm": 1.0, "logging_nan_inf_filter": True, "num_train_epochs": 1}
@@ -217,7 +217,7 @@ class ApiRunShape:
         self.config, self.summary, self._rows = config, summary, rows
         self.page_sizes: list[int] = []
 
-    def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None):  # noqa: ANN001, ANN201
+    def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None):
         self.page_sizes.append(page_size)
         for i, row in enumerate(self._rows):
             yield {"_step": i, "_runtime": 0.1 * i, "_timestamp": 1.7e9 + i, **row}

@@ -24,8 +24,8 @@ import numpy as np
 
 from autopsy import analyze
 from autopsy.findings import Severity
-from autopsy.runinfo import RunInfo, attach_runs, run_info
 from autopsy.frame import make_frame
+from autopsy.runinfo import RunInfo, attach_runs, run_info
 from autopsy.synth import FAILURES, SHAPES, make_run
 
 HERE = Path(__file__).resolve().parent

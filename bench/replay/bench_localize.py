@@ -27,8 +27,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     import torch
-    import tinyllama
 
+    import tinyllama
     from autopsy.replay.device import pick_device
     from autopsy.replay.localize import run_loss, trace
 

@@ -75,9 +75,9 @@ def child(engine: str, path: Path, dump: Path | None) -> None:
     else:
 
         import pandas  # noqa: F401 - imports are not part of the load
+        import tensorboard.compat.proto.event_pb2  # noqa: F401
 
         from autopsy.importers import read_files
-        import tensorboard.compat.proto.event_pb2  # noqa: F401
 
         t0 = time.perf_counter()
         frame = read_files("tensorboard", [path], run="bench", engine=engine)

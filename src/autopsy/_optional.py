@@ -30,9 +30,7 @@ def require(module: str, *, purpose: str = "") -> ModuleType:
         root = module.split(".")[0]
         extra = _EXTRA_OF.get(root, "all")
         what = f" to {purpose}" if purpose else ""
-        raise MissingDependencyError(
-            f"{root} is needed{what}: pip install 'autopsy[{extra}]' ({exc})"
-        ) from exc
+        raise MissingDependencyError(f"{root} is needed{what}: pip install 'autopsy[{extra}]' ({exc})") from exc
 
 
 def available(module: str) -> bool:

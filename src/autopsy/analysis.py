@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 
 from autopsy._version import __version__
-from autopsy.detectors._registry import DetectorSpec, registered
+from autopsy.detectors import DetectorSpec, registered
 from autopsy.errors import UsageError
 from autopsy.findings import Finding, Report, RunReport, Severity
 from autopsy.frame import validate_frame
 from autopsy.postprocess import postprocess
-from autopsy.runinfo import RunInfo, catalog
-from autopsy.series import metric_names, runs_of
+from autopsy.runinfo import RunInfo, catalog, runs_of
+from autopsy.series import metric_names
 from autopsy.signatures import SIGNATURES
 
 __all__ = ["Plan", "analyze", "analyze_run", "make_plan", "split_runs"]
@@ -66,8 +66,9 @@ def _split_params(params: Mapping[str, Any], reg: Mapping[str, DetectorSpec]) ->
     return {det: reg[det].check_params(values) for det, values in raw.items()}
 
 
-def make_plan(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
-              params: Mapping[str, Any] | None = None) -> Plan:
+def make_plan(
+    select: Iterable[str] | None = None, ignore: Iterable[str] | None = None, params: Mapping[str, Any] | None = None
+) -> Plan:
     """Check the selection and parameters against the registry; a :class:`UsageError` names what is wrong."""
     reg = registered()
     sel = set(select) if select else None
@@ -75,7 +76,9 @@ def make_plan(select: Iterable[str] | None = None, ignore: Iterable[str] | None 
     known = set(reg) | set(SIGNATURES)
     for name in (sel or set()) | ign:
         if name not in known:
-            raise UsageError(f"unknown signature or detector {name!r} in --select/--ignore; `autopsy detectors` lists them")
+            raise UsageError(
+                f"unknown signature or detector {name!r} in --select/--ignore; `autopsy detectors` lists them"
+            )
     checked = _split_params(params or {}, reg)
     chosen = []
     for spec in reg.values():
@@ -90,21 +93,26 @@ def _damage_findings(info: RunInfo) -> list[Finding]:
     out = []
     for d in info.damage:
         where = f" at offset {d.offset}" if d.offset is not None and f"offset {d.offset}" not in d.problem else ""
-        out.append(Finding(
-            signature="source_damaged", severity=Severity.WARNING,
-            summary=f"{os.path.basename(d.file)}: {d.problem}{where}; salvaged {d.salvaged or 'nothing'}",
-            evidence={"file": d.file, "offset": d.offset, "problem": d.problem, "salvaged": d.salvaged},
-            cause="the file was cut off or corrupted (a crash or kill mid-write, a partial copy)",
-            fix="the diagnosis uses what was read; recover the file from the job's storage if the lost part matters",
-            detector="importer"))
+        out.append(
+            Finding(
+                signature="source_damaged",
+                severity=Severity.WARNING,
+                summary=f"{os.path.basename(d.file)}: {d.problem}{where}; salvaged {d.salvaged or 'nothing'}",
+                evidence={"file": d.file, "offset": d.offset, "problem": d.problem, "salvaged": d.salvaged},
+                cause="the file was cut off or corrupted (a crash or kill mid-write, a partial copy)",
+                fix="the diagnosis uses what was read; recover the file from the job's storage if the lost part matters",
+                detector="importer",
+            )
+        )
     return out
 
 
 def analyze_run(frame: pd.DataFrame, info: RunInfo, plan: Plan | None = None) -> RunReport:
     """Run the planned detectors on the frame of one run."""
     plan = plan or make_plan()
-    report = RunReport(run=info.name, path=info.path, sources=list(info.sources), config=dict(info.config),
-                       frame=frame, info=info)
+    report = RunReport(
+        run=info.name, path=info.path, sources=list(info.sources), config=dict(info.config), frame=frame, info=info
+    )
     metrics = metric_names(frame)
     findings: list[Finding] = []
     for spec, sigs, params in plan.detectors:

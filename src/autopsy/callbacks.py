@@ -33,7 +33,7 @@ _transformers = require("transformers", purpose="use AutopsyCallback")
 _torch = require("torch", purpose="use AutopsyCallback")
 
 
-class AutopsyCallback(_transformers.TrainerCallback):
+class AutopsyCallback(_transformers.TrainerCallback):  # type: ignore[name-defined]  # a module loaded at run time
     """Record the last batches, the true loss and the RNG state; save them when training goes wrong.
 
     Parameters (keyword-only):
@@ -47,8 +47,16 @@ class AutopsyCallback(_transformers.TrainerCallback):
       output_dir: where ``autopsy/`` goes (default: the Trainer's output_dir).
     """
 
-    def __init__(self, *, keep_last: int = 8, stop_on: str | None = None, spike_factor: float | None = 10.0,
-                 max_dumps: int = 3, save_weights: bool | None = None, output_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        keep_last: int = 8,
+        stop_on: str | None = None,
+        spike_factor: float | None = 10.0,
+        max_dumps: int = 3,
+        save_weights: bool | None = None,
+        output_dir: str | None = None,
+    ) -> None:
         if stop_on not in (None, "nonfinite"):
             from autopsy.errors import UsageError
 
@@ -92,11 +100,22 @@ class AutopsyCallback(_transformers.TrainerCallback):
         self._dir = record_dir(self.output_dir or args.output_dir)
         save_steps = getattr(args, "save_steps", None)
         strategy = str(getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", "")))
-        if strategy == "steps" and isinstance(save_steps, (int, float)) and save_steps >= 1 and self.keep_last < save_steps:
-            warnings.warn(f"AutopsyCallback(keep_last={self.keep_last}) keeps fewer steps than save_steps={int(save_steps)}: "
-                          f"step replay from the last checkpoint may miss batches; pass keep_last={int(save_steps)}", stacklevel=2)
+        if (
+            strategy == "steps"
+            and isinstance(save_steps, (int, float))
+            and save_steps >= 1
+            and self.keep_last < save_steps
+        ):
+            warnings.warn(
+                f"AutopsyCallback(keep_last={self.keep_last}) keeps fewer steps than save_steps={int(save_steps)}: "
+                f"step replay from the last checkpoint may miss batches; pass keep_last={int(save_steps)}",
+                stacklevel=2,
+            )
         if model is not None and not self._handles:
-            self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True), model.register_forward_hook(self._post)]
+            self._handles = [
+                model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                model.register_forward_hook(self._post),
+            ]
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rng = {"torch_cpu": _torch.get_rng_state()}
@@ -113,8 +132,13 @@ class AutopsyCallback(_transformers.TrainerCallback):
         vals = []
         loss = _torch.stack(cur["losses"]).mean() if cur["losses"] else None
         grads = [p.grad for p in (model.parameters() if model is not None else []) if p.grad is not None]
-        gnorm = (_torch.linalg.vector_norm(_torch.stack([_torch.linalg.vector_norm(g.detach(), dtype=_torch.float32) for g in grads]))
-                 if grads else None)
+        gnorm = (
+            _torch.linalg.vector_norm(
+                _torch.stack([_torch.linalg.vector_norm(g.detach(), dtype=_torch.float32) for g in grads])
+            )
+            if grads
+            else None
+        )
         parts = [t.to(grads[0].device if grads else "cpu") for t in (loss, gnorm) if t is not None]
         if parts:
             vals = _torch.stack(parts).cpu().tolist()  # the one host sync per step
@@ -122,7 +146,9 @@ class AutopsyCallback(_transformers.TrainerCallback):
         cur["loss"] = next(it) if loss is not None else math.nan
         cur["grad_norm"] = next(it) if gnorm is not None else math.nan
         self._pending.append({"step": cur["step"], "loss": cur["loss"], "grad_norm": cur["grad_norm"]})
-        nonfinite = not (math.isfinite(cur["loss"]) or loss is None) or not (math.isfinite(cur["grad_norm"]) or gnorm is None)
+        nonfinite = not (math.isfinite(cur["loss"]) or loss is None) or not (
+            math.isfinite(cur["grad_norm"]) or gnorm is None
+        )
         if nonfinite and self.first_bad_step is None:
             self.first_bad_step = cur["step"]
             self._dump(reason="nonfinite", step=cur["step"], force=True)
@@ -159,7 +185,12 @@ class AutopsyCallback(_transformers.TrainerCallback):
         self._dir.mkdir(parents=True, exist_ok=True)
         with (self._dir / LOSSES).open("a", encoding="utf-8") as fh:
             for rec in self._pending:
-                fh.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in rec.items()}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in rec.items()}
+                    )
+                    + "\n"
+                )
         self._pending = []
 
     def _dump(self, *, reason: str, step: int, force: bool = False) -> Path | None:
@@ -169,17 +200,29 @@ class AutopsyCallback(_transformers.TrainerCallback):
             return None
         batches = {s["step"]: s["micro"] for s in self.steps if s["micro"]}
         cur = self.steps[-1]
-        meta = {"reason": reason, "first_bad_step": str(step) if reason == "nonfinite" else "", "trigger_step": str(step),
-                "losses": json.dumps({str(s["step"]): (s.get("loss") if math.isfinite(s.get("loss", math.nan)) else str(s.get("loss")))
-                                      for s in self.steps}),
-                "grad_norm": str(cur.get("grad_norm")), "rng_step": str(cur["step"]),
-                "last_checkpoint_step": "" if self.last_checkpoint_step is None else str(self.last_checkpoint_step)}
+        meta = {
+            "reason": reason,
+            "first_bad_step": str(step) if reason == "nonfinite" else "",
+            "trigger_step": str(step),
+            "losses": json.dumps(
+                {
+                    str(s["step"]): (s.get("loss") if math.isfinite(s.get("loss", math.nan)) else str(s.get("loss")))
+                    for s in self.steps
+                }
+            ),
+            "grad_norm": str(cur.get("grad_norm")),
+            "rng_step": str(cur["step"]),
+            "last_checkpoint_step": "" if self.last_checkpoint_step is None else str(self.last_checkpoint_step),
+        }
         step_rng = {s["step"]: s["rng"] for s in self.steps if s["micro"]}
-        path = save_batches(batch_file(self._dir.parent, step), batches, metadata=meta, rng=cur["rng"], step_rng=step_rng)
+        path = save_batches(
+            batch_file(self._dir.parent, step), batches, metadata=meta, rng=cur["rng"], step_rng=step_rng
+        )
         self.dumps.append(path)
         return path
 
     def _save_weights(self, model: Any, step: int) -> None:
+        assert self._dir is not None  # set at train begin
         target = weights_dir(self._dir.parent, step)
         inner = getattr(model, "module", model)
         inner.save_pretrained(str(target), safe_serialization=True)

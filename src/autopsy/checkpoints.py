@@ -96,13 +96,21 @@ def _scan_file(path: Path, scan: WeightScan) -> None:
         scan.damage.append(Damage(file=str(path), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing"))
         return
     size = path.stat().st_size
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+    )
     for name, meta in entries:
         scan.tensors += 1
         begin, end = (start + int(o) for o in meta["data_offsets"])
         if end > size:
-            scan.damage.append(Damage(file=str(path), offset=begin, problem=f"tensor {name} is cut off (file ends at byte {size})",
-                                      salvaged=f"{scan.tensors - 1} tensors before it"))
+            scan.damage.append(
+                Damage(
+                    file=str(path),
+                    offset=begin,
+                    problem=f"tensor {name} is cut off (file ends at byte {size})",
+                    salvaged=f"{scan.tensors - 1} tensors before it",
+                )
+            )
             return
         view = _EXPONENT.get(meta.get("dtype", ""))
         if view is None or end == begin:
@@ -136,7 +144,9 @@ def scan_weights(path: str | os.PathLike[str]) -> WeightScan:
     files = _weight_files(p)
     scan.files = [str(f) for f in files]
     if p.is_dir():
-        scan.unscanned = sorted(str(f) for f in p.glob("*.bin") if f.name.startswith(("pytorch_model", "adapter_model")))
+        scan.unscanned = sorted(
+            str(f) for f in p.glob("*.bin") if f.name.startswith(("pytorch_model", "adapter_model"))
+        )
     for f in files:
         _scan_file(f, scan)
     return scan
@@ -169,13 +179,22 @@ def weights_finding(path: str, nonfinite: dict[str, int], *, tensors: int, step:
     names = sorted(nonfinite)
     count = int(sum(nonfinite.values()))
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return Finding(signature="weights_nonfinite", severity=Severity.CRITICAL, step=step,
-                   summary=f"{os.path.basename(path.rstrip('/'))} holds {count} NaN/Inf values in {len(names)} tensors: {shown}",
-                   evidence={"tensors": names, "count": count, "per_tensor": dict(sorted(nonfinite.items())),
-                             "checkpoint": path, "tensors_scanned": tensors},
-                   cause="the weights were poisoned by a non-finite update before this checkpoint was saved (or the file is corrupt)",
-                   fix="restart from the last checkpoint whose weights are all finite; replay the steps after it to find the cause",
-                   detector="weights_nonfinite")
+    return Finding(
+        signature="weights_nonfinite",
+        severity=Severity.CRITICAL,
+        step=step,
+        summary=f"{os.path.basename(path.rstrip('/'))} holds {count} NaN/Inf values in {len(names)} tensors: {shown}",
+        evidence={
+            "tensors": names,
+            "count": count,
+            "per_tensor": dict(sorted(nonfinite.items())),
+            "checkpoint": path,
+            "tensors_scanned": tensors,
+        },
+        cause="the weights were poisoned by a non-finite update before this checkpoint was saved (or the file is corrupt)",
+        fix="restart from the last checkpoint whose weights are all finite; replay the steps after it to find the cause",
+        detector="weights_nonfinite",
+    )
 
 
 def check_run_checkpoints(info: RunInfo, first_bad_step: int | None, *, max_scans: int = 8) -> None:
@@ -196,8 +215,9 @@ def check_run_checkpoints(info: RunInfo, first_bad_step: int | None, *, max_scan
         order = [s for s in steps if s >= first_bad_step][:1] + [s for s in reversed(steps) if s < first_bad_step]
     for s in order[:max_scans]:
         scan = scan_weights(cks[s])
-        info.weight_scans[s] = WeightCheck(path=cks[s], tensors=scan.tensors, nonfinite=dict(scan.nonfinite),
-                                           damaged=bool(scan.damage))
+        info.weight_scans[s] = WeightCheck(
+            path=cks[s], tensors=scan.tensors, nonfinite=dict(scan.nonfinite), damaged=bool(scan.damage)
+        )
         info.damage.extend(scan.damage)
         if scan.damage:
             info.bad_checkpoints[s] = "its weights file is damaged"
@@ -218,5 +238,7 @@ def restart_point(info: RunInfo | None, first_bad_step: int) -> dict[str, Any]:
     good = [s for s in sorted(info.checkpoints) if s < first_bad_step and s not in info.bad_checkpoints]
     if good:
         step = good[-1]
-        out.update(restart_checkpoint=info.checkpoints[step], restart_step=int(step), steps_to_redo=int(first_bad_step - step))
+        out.update(
+            restart_checkpoint=info.checkpoints[step], restart_step=int(step), steps_to_redo=int(first_bad_step - step)
+        )
     return out

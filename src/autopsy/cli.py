@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_EXT_FORMAT = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html", ".txt": "console"}
+_EXT_FORMAT = {
+    ".json": "json",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".txt": "console",
+}
 
 
 def _version(value: bool) -> None:
@@ -33,7 +40,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (for bug reports).")] = False,
 ) -> None:
     """Postmortem of a training run: what went wrong, at which step, why, and the fix."""
@@ -76,7 +85,9 @@ def _pick_format(fmt: str | None, out: Path | None) -> str:
         return f
     if out is not None:
         if out.suffix.lower() not in _EXT_FORMAT:
-            raise UsageError(f"--out {out}: unknown extension {out.suffix or '(none)'!r}; use .html, .md, .json or .txt, or pass --format")
+            raise UsageError(
+                f"--out {out}: unknown extension {out.suffix or '(none)'!r}; use .html, .md, .json or .txt, or pass --format"
+            )
         return _EXT_FORMAT[out.suffix.lower()]
     return "console"
 
@@ -107,13 +118,35 @@ def _progress(label: str) -> Any:
 
 @app.command()
 def analyze(
-    paths: Annotated[list[Path], typer.Argument(help="Run directories, checkpoint dirs, log files, or wandb://entity/project/run_id.", show_default=False)],
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")] = None,
-    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical).")] = None,
-    select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these signatures or detectors (repeat or comma-separate).")] = None,
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave out these signatures or detectors.")] = None,
-    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a detector parameter: DETECTOR.NAME=VALUE.")] = None,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run directories, checkpoint dirs, log files, or wandb://entity/project/run_id.", show_default=False
+        ),
+    ],
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical)."),
+    ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option("--select", help="Only these signatures or detectors (repeat or comma-separate)."),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option("--ignore", help="Leave out these signatures or detectors.")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Override a detector parameter: DETECTOR.NAME=VALUE.")
+    ] = None,
     engine: Annotated[str, typer.Option("--engine", help="TensorBoard reader: auto, fast or tbparse.")] = "auto",
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Markdown: do not write plot images.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Console: also list skipped detectors.")] = False,
@@ -149,14 +182,40 @@ def analyze(
 
 @app.command()
 def replay(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint dir (full model or PEFT adapter), or a run's output dir recorded with AutopsyCallback.", show_default=False)],
-    batch: Annotated[Optional[Path], typer.Option("--batch", "-b", help="safetensors batch file (input_ids, attention_mask, labels).")] = None,
-    base: Annotated[Optional[Path], typer.Option("--base", help="Local base model dir for a PEFT adapter (default: the one it names).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
-    from_checkpoint: Annotated[Optional[str], typer.Option("--from", help="Step replay: re-run the recorded steps after this checkpoint of the run dir (checkpoint-N, with its optimizer, scheduler and RNG state) until one goes non-finite, then localize inside it.")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")] = None,
-    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical).")] = None,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint dir (full model or PEFT adapter), or a run's output dir recorded with AutopsyCallback.",
+            show_default=False,
+        ),
+    ],
+    batch: Annotated[
+        Path | None, typer.Option("--batch", "-b", help="safetensors batch file (input_ids, attention_mask, labels).")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Local base model dir for a PEFT adapter (default: the one it names).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
+    from_checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Step replay: re-run the recorded steps after this checkpoint of the run dir (checkpoint-N, with its optimizer, scheduler and RNG state) until one goes non-finite, then localize inside it.",
+        ),
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical)."),
+    ] = None,
 ) -> None:
     """Reload a checkpoint and a batch, and localize the module where the first NaN/Inf is born."""
     from autopsy.findings import Severity
@@ -172,7 +231,7 @@ def replay(
 
 @app.command()
 def detectors(
-    name: Annotated[Optional[str], typer.Argument(help="Show one detector's full documentation.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Show one detector's full documentation.")] = None,
 ) -> None:
     """List every detector with its signatures, parameters and docs."""
     from autopsy.detectors import get_detector, registered
@@ -203,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = app(args=args, prog_name="autopsy", standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
-    except (AutopsyError,) as exc:
+    except AutopsyError as exc:
         if debug:
             raise
         sys.stderr.write(f"autopsy: error: {exc}\n")
@@ -211,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("autopsy: interrupted\n")
         return 130
-    except Exception as exc:  # noqa: BLE001 - never a traceback to a user
+    except Exception as exc:
         if type(exc).__name__ == "Abort":
             sys.stderr.write("autopsy: aborted\n")
             return 2
@@ -220,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if debug:
             raise
-        sys.stderr.write(f"autopsy: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                         "(run with --debug for the traceback and report it)\n")
+        sys.stderr.write(
+            f"autopsy: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(run with --debug for the traceback and report it)\n"
+        )
         return 2
     return int(rc) if isinstance(rc, int) else 0
 

@@ -15,8 +15,16 @@ from autopsy.signatures import lead_rank
 if TYPE_CHECKING:
     from autopsy.runinfo import RunInfo
 
-__all__ = ["Finding", "Report", "RunReport", "Severity", "evidence_value", "finding_order", "findings_to_frame",
-           "json_number"]
+__all__ = [
+    "Finding",
+    "Report",
+    "RunReport",
+    "Severity",
+    "evidence_value",
+    "finding_order",
+    "findings_to_frame",
+    "json_number",
+]
 
 
 def finding_order(f: Finding) -> tuple[int, int, int, str]:

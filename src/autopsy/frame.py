@@ -166,8 +166,11 @@ def concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
                 union = pd.api.types.union_categoricals(cats, ignore_order=True).categories
                 for f in nonempty:
                     f[col] = f[col].cat.set_categories(union)
-    out = pd.concat(nonempty, ignore_index=True) if len(nonempty) > 1 else (
-        nonempty[0].copy(deep=False) if nonempty else empty_frame())
+    out = (
+        pd.concat(nonempty, ignore_index=True)
+        if len(nonempty) > 1
+        else (nonempty[0].copy(deep=False) if nonempty else empty_frame())
+    )
     runs: dict[str, RunInfo] = {}
     for f in frames:
         for name, info in catalog(f).items():
@@ -197,7 +200,9 @@ def merge_sources(frame: pd.DataFrame, priority: Mapping[str, int] | None = None
         if drop.any():
             frame = frame[~drop].reset_index(drop=True)
     live = frame[~frame["superseded"]]
-    density = live.groupby(["run", "metric", "source"], sort=False, observed=True)["step"].nunique().rename("n").reset_index()
+    density = (
+        live.groupby(["run", "metric", "source"], sort=False, observed=True)["step"].nunique().rename("n").reset_index()
+    )
     density["pref"] = density["source"].astype(str).map(dict(priority or {})).fillna(99).astype(float)
     density = density.sort_values(["run", "metric", "n", "pref"], ascending=[True, True, False, True])
     rank = density.groupby(["run", "metric"], sort=False, observed=True).cumcount()
@@ -233,9 +238,12 @@ def validate_frame(frame: pd.DataFrame) -> pd.DataFrame:
         raise FrameError(f"step and value must be numeric: {exc}") from None
     if steps.isna().any():
         raise FrameError("step has missing values")
-    if not all(c in frame.columns for c in COLUMNS) or frame["step"].dtype != np.int64 or frame["value"].dtype != np.float64:
-        changed = True
-    elif not all(isinstance(frame[c].dtype, pd.CategoricalDtype) for c in TEXT_COLUMNS):
+    if (
+        not all(c in frame.columns for c in COLUMNS)
+        or frame["step"].dtype != np.int64
+        or frame["value"].dtype != np.float64
+        or not all(isinstance(frame[c].dtype, pd.CategoricalDtype) for c in TEXT_COLUMNS)
+    ):
         changed = True
     if changed:
         out = make_frame(

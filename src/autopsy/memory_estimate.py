@@ -19,8 +19,16 @@ __all__ = ["estimate_training_memory", "estimate_from_config"]
 GIB = float(1 << 30)
 
 
-def _params(*, hidden_size: int, num_hidden_layers: int, vocab_size: int, intermediate_size: int | None,
-            num_attention_heads: int | None, num_key_value_heads: int | None, tie_word_embeddings: bool) -> int:
+def _params(
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    vocab_size: int,
+    intermediate_size: int | None,
+    num_attention_heads: int | None,
+    num_key_value_heads: int | None,
+    tie_word_embeddings: bool,
+) -> int:
     h = hidden_size
     inter = intermediate_size or 4 * h
     kv = h
@@ -55,11 +63,18 @@ def estimate_training_memory(
     ``optimizer_bytes_per_param``: AdamW keeps a float32 master copy + two moments (12 bytes); 8-bit Adam ~6.
     ``trainable_params``: the adapters' parameters with LoRA (default: every parameter trains).
     """
-    p_total = int(total_params or _params(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                                          vocab_size=vocab_size, intermediate_size=intermediate_size,
-                                          num_attention_heads=num_attention_heads,
-                                          num_key_value_heads=num_key_value_heads,
-                                          tie_word_embeddings=tie_word_embeddings))
+    p_total = int(
+        total_params
+        or _params(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            vocab_size=vocab_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    )
     p_train = int(trainable_params if trainable_params is not None else p_total)
     adapters = trainable_params is not None and trainable_params < p_total
     weights = p_total * weight_bytes / GIB
@@ -80,7 +95,8 @@ def estimate_training_memory(
     knobs: dict[str, float] = {}
     if batch_size > 1:
         knobs["halve per-device batch size (double gradient_accumulation_steps)"] = act - acts(
-            max(batch_size // 2, 1), seq_len, gradient_checkpointing)
+            max(batch_size // 2, 1), seq_len, gradient_checkpointing
+        )
     if seq_len > 1:
         knobs["halve the sequence length"] = act - acts(batch_size, max(seq_len // 2, 1), gradient_checkpointing)
     if not gradient_checkpointing:
@@ -120,8 +136,14 @@ def estimate_from_config(config: dict[str, Any], *, gpu_total_gib: float | None 
     if not all(isinstance(model.get(k), int) for k in need):
         return None
     batch = config.get("per_device_train_batch_size")
-    seq = next((config[k] for k in ("max_seq_length", "max_length", "cutoff_len", "sequence_len", "seq_length",
-                                     "model_max_length") if isinstance(config.get(k), int) and config[k] > 0), None)
+    seq = next(
+        (
+            config[k]
+            for k in ("max_seq_length", "max_length", "cutoff_len", "sequence_len", "seq_length", "model_max_length")
+            if isinstance(config.get(k), int) and config[k] > 0
+        ),
+        None,
+    )
     if not isinstance(batch, int) or seq is None:
         return None
     dtype = str(model.get("torch_dtype") or model.get("dtype") or "")
@@ -133,11 +155,18 @@ def estimate_from_config(config: dict[str, Any], *, gpu_total_gib: float | None 
         n_targets = len(adapter.get("target_modules") or [None] * 4)
         trainable = int(adapter["r"]) * 2 * model["hidden_size"] * n_targets * model["num_hidden_layers"]
     return estimate_training_memory(
-        hidden_size=model["hidden_size"], num_hidden_layers=model["num_hidden_layers"], vocab_size=model["vocab_size"],
-        intermediate_size=model.get("intermediate_size"), num_attention_heads=model.get("num_attention_heads"),
+        hidden_size=model["hidden_size"],
+        num_hidden_layers=model["num_hidden_layers"],
+        vocab_size=model["vocab_size"],
+        intermediate_size=model.get("intermediate_size"),
+        num_attention_heads=model.get("num_attention_heads"),
         num_key_value_heads=model.get("num_key_value_heads"),
         tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
         total_params=config.get("total_params") if isinstance(config.get("total_params"), int) else None,
-        trainable_params=trainable, weight_bytes=wb, batch_size=batch, seq_len=int(seq),
-        gradient_checkpointing=bool(config.get("gradient_checkpointing")), gpu_total_gib=gpu_total_gib,
+        trainable_params=trainable,
+        weight_bytes=wb,
+        batch_size=batch,
+        seq_len=int(seq),
+        gradient_checkpointing=bool(config.get("gradient_checkpointing")),
+        gpu_total_gib=gpu_total_gib,
     )

@@ -121,7 +121,7 @@ def canonical_metric(raw: str, *, hf_flat: bool = False) -> str:
             return METRIC_ALIASES[low]
     m = _EVAL_SET_LOSS.match(low)
     if m and m.group("set") not in ("", "loss"):
-        return f"eval/{name[5:5 + len(m.group('set'))]}/loss"
+        return f"eval/{name[5 : 5 + len(m.group('set'))]}/loss"
     return name
 
 

@@ -38,7 +38,12 @@ def _fold_precursors(findings: list[Finding]) -> list[Finding]:
     for f in findings:
         if f.signature in PRECURSORS and f.step is not None and f.step <= target.step:
             target.evidence.setdefault("precursors", []).append(
-                {"signature": f.signature, "step": f.step, "steps_before": int(target.step - f.step), "summary": f.summary}
+                {
+                    "signature": f.signature,
+                    "step": f.step,
+                    "steps_before": int(target.step - f.step),
+                    "summary": f.summary,
+                }
             )
             if not keep_separate:
                 continue
@@ -60,7 +65,9 @@ def _attach_config(findings: list[Finding]) -> list[Finding]:
             if early is not None and (f.step is None or f.step > early):
                 continue
             f.cause = f"{risk.summary}; {f.cause}" if f.cause else risk.summary
-            f.evidence.setdefault("config_risk", []).append({"setting": risk.evidence.get("setting"), "value": risk.evidence.get("value")})
+            f.evidence.setdefault("config_risk", []).append(
+                {"setting": risk.evidence.get("setting"), "value": risk.evidence.get("value")}
+            )
             if risk.fix and risk.fix not in f.fix:
                 f.fix = f"{f.fix}; {risk.fix}" if f.fix else risk.fix
             used = True

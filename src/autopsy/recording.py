@@ -82,7 +82,9 @@ def read_run_meta(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``run.json`` (empty when absent or unreadable: an older record, or none)."""
     path = record_dir(output_dir) / RUN_META
     try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < (1 << 20) else {}
+        data = (
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < (1 << 20) else {}
+        )
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -32,6 +32,7 @@ __all__ = [
     "is_lora",
     "rl_objective",
     "run_info",
+    "runs_of",
     "trains_from_scratch",
     "warmup_end_step",
 ]
@@ -138,8 +139,19 @@ class RunInfo:
 
     def merge(self, other: RunInfo) -> None:
         """Fold what ``other`` knows into this one (first known value wins, lists are joined)."""
-        for name in ("max_steps", "logging_steps", "eval_steps", "save_steps", "num_train_epochs", "best_checkpoint",
-                     "best_metric", "exit_code", "finished", "crash", "trainer_class"):
+        for name in (
+            "max_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "num_train_epochs",
+            "best_checkpoint",
+            "best_metric",
+            "exit_code",
+            "finished",
+            "crash",
+            "trainer_class",
+        ):
             if getattr(self, name) is None and getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
         if other.global_step is not None:
@@ -193,7 +205,7 @@ class RunInfo:
 _ATTR = "autopsy.runs"
 
 
-class RunCatalog(dict):  # type: ignore[type-arg]
+class RunCatalog(dict[str, "RunInfo"]):
     """Run name -> :class:`RunInfo`, shared by a frame and every slice of it.
 
     pandas deep-copies ``DataFrame.attrs`` on every operation; the catalog copies as itself, so taking one run
@@ -222,10 +234,17 @@ def catalog(frame: pd.DataFrame) -> RunCatalog:
     return cat
 
 
+def runs_of(frame: pd.DataFrame) -> list[str]:
+    """The run names of a frame in order of appearance, then the runs known only from metadata (no rows)."""
+    names = [str(u) for u in pd.unique(frame["run"])] if len(frame) else []
+    seen = set(names)
+    names += [n for n in catalog(frame) if n not in seen]
+    return names
+
+
 def run_info(frame: pd.DataFrame, run: str | None = None) -> RunInfo:
     """The :class:`RunInfo` of ``run`` (the only run when ``None``); a bare one for a run the frame does not know."""
     from autopsy.errors import FrameError
-    from autopsy.series import runs_of
 
     cat = catalog(frame)
     if run is None:
@@ -242,7 +261,17 @@ def run_info(frame: pd.DataFrame, run: str | None = None) -> RunInfo:
 # --- what an engineer reads from a config ------------------------------------------------------------
 
 # metric names that only preference / RL trainers (TRL's DPO, GRPO, PPO, KTO, ORPO) log
-_RL_MARKERS = ("rewards/", "logps/", "logits/", "/kl", "kl", "reward", "completion_length", "completions/", "objective/")
+_RL_MARKERS = (
+    "rewards/",
+    "logps/",
+    "logits/",
+    "/kl",
+    "kl",
+    "reward",
+    "completion_length",
+    "completions/",
+    "objective/",
+)
 _RL_TRAINERS = ("dpo", "grpo", "ppo", "kto", "orpo", "rloo", "cpo", "simpo")
 
 
@@ -297,7 +326,7 @@ def chance_levels(info: RunInfo | None) -> dict[str, float]:
     if info is None:
         return out
     cfg = info.config
-    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    model: dict[str, Any] = cfg["model"] if isinstance(cfg.get("model"), dict) else {}
     labels = cfg.get("num_labels") or model.get("num_labels")
     id2label = cfg.get("id2label") or model.get("id2label")
     if not labels and isinstance(id2label, dict) and len(id2label) > 1:
@@ -342,8 +371,14 @@ def trains_from_scratch(info: RunInfo | None) -> bool | None:
             return bool(cfg[key])
     if str(cfg.get("init_from", "")).lower() == "scratch":
         return True
-    for key in ("model_name_or_path", "base_model_name_or_path", "pretrained_model_name_or_path", "base_model",
-                "model_id", "hub_model_id"):
+    for key in (
+        "model_name_or_path",
+        "base_model_name_or_path",
+        "pretrained_model_name_or_path",
+        "base_model",
+        "model_id",
+        "hub_model_id",
+    ):
         if cfg.get(key):
             return False
     model = cfg.get("model")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["first_nonfinite_step", "last_step", "metric_names", "runs_of", "series", "wall_times", "wide"]
+__all__ = ["first_nonfinite_step", "last_step", "metric_names", "series", "wall_times", "wide"]
 
 _ATTR = "_autopsy_series"  # an instance attribute, not a column and not attrs (pandas copies attrs on every slice)
 
@@ -34,7 +34,11 @@ class _Index:
         codes = np.asarray(codes)
         steps = frame["step"].to_numpy()
         values = frame["value"].to_numpy(dtype=np.float64)
-        walls = frame["wall_time"].to_numpy(dtype=np.float64) if "wall_time" in frame.columns else np.full(self.rows, np.nan)
+        walls = (
+            frame["wall_time"].to_numpy(dtype=np.float64)
+            if "wall_time" in frame.columns
+            else np.full(self.rows, np.nan)
+        )
         if "superseded" in frame.columns:
             live = ~frame["superseded"].to_numpy(dtype=bool)
             if not live.all():
@@ -106,7 +110,9 @@ def last_step(frame: pd.DataFrame, prefix: str = "train/") -> int | None:
     return max(ends) if ends else None
 
 
-def first_nonfinite_step(frame: pd.DataFrame, metrics: tuple[str, ...] = ("train/loss", "train/grad_norm")) -> int | None:
+def first_nonfinite_step(
+    frame: pd.DataFrame, metrics: tuple[str, ...] = ("train/loss", "train/grad_norm")
+) -> int | None:
     """The first step at which any of ``metrics`` is NaN/Inf (None when all are finite)."""
     firsts = []
     for metric in metrics:
@@ -115,16 +121,6 @@ def first_nonfinite_step(frame: pd.DataFrame, metrics: tuple[str, ...] = ("train
         if bad.any():
             firsts.append(int(s.index[int(np.argmax(bad))]))
     return min(firsts) if firsts else None
-
-
-def runs_of(frame: pd.DataFrame) -> list[str]:
-    """The run names of a frame in order of appearance, then the runs known only from metadata (no rows)."""
-    from autopsy.runinfo import catalog
-
-    names = [str(u) for u in pd.unique(frame["run"])] if len(frame) else []
-    seen = set(names)
-    names += [n for n in catalog(frame) if n not in seen]
-    return names
 
 
 def wide(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
@@ -140,8 +136,14 @@ def wide(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
     keys: Any = ["run", "step"] if several else "step"
     by = ["run", "metric", "step"] if several else ["metric", "step"]
     rows = rows.drop_duplicates(by, keep="last")
-    rows = pd.DataFrame({"run": rows["run"].astype(str).to_numpy(), "metric": rows["metric"].astype(str).to_numpy(),
-                         "step": rows["step"].to_numpy(), "value": rows["value"].to_numpy()})
+    rows = pd.DataFrame(
+        {
+            "run": rows["run"].astype(str).to_numpy(),
+            "metric": rows["metric"].astype(str).to_numpy(),
+            "step": rows["step"].to_numpy(),
+            "value": rows["value"].to_numpy(),
+        }
+    )
     out = rows.pivot(index=keys, columns="metric", values="value")
     out.columns.name = "metric"
     return out.sort_index()

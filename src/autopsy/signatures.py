@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LOG_SIGNATURES", "NONFINITE", "PRECURSORS", "REPLAY_SIGNATURES", "SIGNATURES", "Signature", "define_signature",
-           "lead_rank"]
+__all__ = [
+    "LOG_SIGNATURES",
+    "NONFINITE",
+    "PRECURSORS",
+    "REPLAY_SIGNATURES",
+    "SIGNATURES",
+    "Signature",
+    "define_signature",
+    "lead_rank",
+]
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,12 @@ _TABLE = (
     Signature("loss_zero_collapse", "the loss drops to exactly 0.0 and stays", lead=7, nonfinite=True),
     Signature("loss_spike", "a short excursion far above the recent level, which recovers"),
     Signature("divergence", "the loss rises and does not come back (no NaN)", lead=8, precursor=True),
-    Signature("exploding_gradients", "the grad norm jumps or climbs far above its post-warmup baseline", lead=10,
-              precursor=True),
+    Signature(
+        "exploding_gradients",
+        "the grad norm jumps or climbs far above its post-warmup baseline",
+        lead=10,
+        precursor=True,
+    ),
     Signature("vanishing_gradients", "the grad norm sits near zero while the loss is not converged"),
     Signature("clip_saturation", "pre-clip grad norm above max_grad_norm on most post-warmup steps"),
     Signature("overfitting", "eval loss rises from its minimum while train loss keeps falling"),
@@ -58,8 +70,12 @@ _TABLE = (
     Signature("insufficient_data", "too few points to judge"),
     Signature("source_damaged", "a file was truncated, corrupt or unreadable"),
     Signature("weights_nonfinite", "the checkpoint itself holds NaN/Inf weights", kind="replay", lead=2),
-    Signature("nonfinite_origin", "the first module whose output or gradient is non-finite while its inputs were finite",
-              kind="replay", lead=1),
+    Signature(
+        "nonfinite_origin",
+        "the first module whose output or gradient is non-finite while its inputs were finite",
+        kind="replay",
+        lead=1,
+    ),
     Signature("bad_batch", "the batch itself is broken", kind="replay", lead=3),
     Signature("replay_not_reproduced", "the batch runs clean from this checkpoint", kind="replay"),
 )

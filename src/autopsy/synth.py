@@ -29,8 +29,20 @@ __all__ = ["FAILURES", "SHAPES", "Truth", "make_run"]
 
 SHAPES = ("exp", "power", "fast", "slow", "epochs", "classifier", "dpo", "grpo", "ctc")
 FAILURES = (
-    None, "loss_spike", "divergence", "exploding_gradients", "vanishing_gradients", "clip_saturation", "overfitting",
-    "eval_flat", "plateau", "oscillation", "epoch_boundary_drop", "throughput_drop", "memory_growth", "nan",
+    None,
+    "loss_spike",
+    "divergence",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "clip_saturation",
+    "overfitting",
+    "eval_flat",
+    "plateau",
+    "oscillation",
+    "epoch_boundary_drop",
+    "throughput_drop",
+    "memory_growth",
+    "nan",
 )
 
 
@@ -115,8 +127,8 @@ class _Sim:
 def _plant_spike(s: _Sim) -> None:
     s.a = s.past_warmup()
     width = s.logging_steps * int(s.rng.integers(1, 3))
-    s.level[s.a - 1: s.a - 1 + width] *= s.rng.uniform(2.0, 5.0)
-    s.gnorm[s.a - 1: s.a - 1 + width] *= s.rng.uniform(3.0, 8.0)
+    s.level[s.a - 1 : s.a - 1 + width] *= s.rng.uniform(2.0, 5.0)
+    s.gnorm[s.a - 1 : s.a - 1 + width] *= s.rng.uniform(3.0, 8.0)
     s.truth.expected["loss_spike"] = s.first_log_at(s.a)
     s.truth.allowed |= {"exploding_gradients"}
 
@@ -131,15 +143,15 @@ def _plant_divergence(s: _Sim) -> None:
 
 def _plant_exploding(s: _Sim) -> None:
     s.a = s.past_warmup()
-    s.gnorm[s.a - 1:] *= s.rng.uniform(20, 100)
+    s.gnorm[s.a - 1 :] *= s.rng.uniform(20, 100)
     s.truth.expected["exploding_gradients"] = s.first_log_at(s.a)
     s.truth.allowed |= {"clip_saturation"}
 
 
 def _plant_vanishing(s: _Sim) -> None:
     s.a = max(s.past_warmup(), int(0.2 * s.n))
-    s.gnorm[s.a - 1:] = s.rng.uniform(1e-8, 1e-7) * np.exp(s.rng.normal(0, 0.1, s.n - s.a + 1))
-    s.level[s.a - 1:] = s.level[s.a - 1]  # the loss freezes where it was
+    s.gnorm[s.a - 1 :] = s.rng.uniform(1e-8, 1e-7) * np.exp(s.rng.normal(0, 0.1, s.n - s.a + 1))
+    s.level[s.a - 1 :] = s.level[s.a - 1]  # the loss freezes where it was
     s.truth.expected["vanishing_gradients"] = s.first_log_at(s.a)
     s.truth.allowed |= {"plateau", "eval_flat"}
 
@@ -187,7 +199,7 @@ def _plant_epoch_drop(s: _Sim) -> None:
 
 
 def _plant_throughput(s: _Sim) -> None:
-    s.throughput[s.a - 1:] *= s.rng.uniform(0.2, 0.4)
+    s.throughput[s.a - 1 :] *= s.rng.uniform(0.2, 0.4)
     s.truth.expected["throughput_drop"] = s.first_log_at(s.a)
 
 
@@ -204,16 +216,35 @@ def _plant_nan(s: _Sim) -> None:
 
 
 _PLANT = {
-    "loss_spike": _plant_spike, "divergence": _plant_divergence, "exploding_gradients": _plant_exploding,
-    "vanishing_gradients": _plant_vanishing, "clip_saturation": _plant_clip, "overfitting": _plant_overfitting,
-    "eval_flat": _plant_eval_flat, "plateau": _plant_plateau, "oscillation": _plant_oscillation,
-    "epoch_boundary_drop": _plant_epoch_drop, "throughput_drop": _plant_throughput, "memory_growth": _plant_memory,
+    "loss_spike": _plant_spike,
+    "divergence": _plant_divergence,
+    "exploding_gradients": _plant_exploding,
+    "vanishing_gradients": _plant_vanishing,
+    "clip_saturation": _plant_clip,
+    "overfitting": _plant_overfitting,
+    "eval_flat": _plant_eval_flat,
+    "plateau": _plant_plateau,
+    "oscillation": _plant_oscillation,
+    "epoch_boundary_drop": _plant_epoch_drop,
+    "throughput_drop": _plant_throughput,
+    "memory_growth": _plant_memory,
     "nan": _plant_nan,
 }
 
 
-def _simulate(*, failure: str | None, at: float, seed: int, noise: float, shape: str, steps: int, logging_steps: int,
-              eval_steps: int | None, warmup_ratio: float, epochs: int | None) -> _Sim:
+def _simulate(
+    *,
+    failure: str | None,
+    at: float,
+    seed: int,
+    noise: float,
+    shape: str,
+    steps: int,
+    logging_steps: int,
+    eval_steps: int | None,
+    warmup_ratio: float,
+    epochs: int | None,
+) -> _Sim:
     """The healthy run of ``shape`` (loss curve, LR schedule, grad norm, throughput, memory), before any failure."""
     rng = np.random.default_rng(seed)
     n = int(steps)
@@ -225,27 +256,62 @@ def _simulate(*, failure: str | None, at: float, seed: int, noise: float, shape:
     eval_steps = eval_steps or max(logging_steps, n // 20)
     base = _curve("exp" if shape == "epochs" else shape, t, rng)
     peak_lr = 2e-4  # learning rate: linear warmup, cosine decay
-    lr = np.where(step_ix <= warmup, peak_lr * step_ix / max(1, warmup),
-                  peak_lr * 0.5 * (1 + np.cos(np.pi * (step_ix - warmup) / max(1, n - warmup))))
+    lr = np.where(
+        step_ix <= warmup,
+        peak_lr * step_ix / max(1, warmup),
+        peak_lr * 0.5 * (1 + np.cos(np.pi * (step_ix - warmup) / max(1, n - warmup))),
+    )
     ep_idx = np.floor((step_ix - 1) / (n / epochs))
     level = base.copy()
     if shape == "epochs":
         level *= (1 - 0.015) ** ep_idx  # mild memorisation: a small step per epoch, below the 5% threshold
     # per-step noise: Gaussian plus rare heavy-tailed batches (student-t, 3 dof)
     eps = rng.normal(0, noise, n) + 0.3 * noise * rng.standard_t(3, n)
-    gnorm = rng.uniform(0.3, 0.8) * (1 + 2 * np.exp(-step_ix / max(1.0, warmup / 2 + 1))) * np.exp(rng.normal(0, 0.15, n))
+    gnorm = (
+        rng.uniform(0.3, 0.8) * (1 + 2 * np.exp(-step_ix / max(1.0, warmup / 2 + 1))) * np.exp(rng.normal(0, 0.15, n))
+    )
     throughput = rng.uniform(2000, 8000) * np.exp(rng.normal(0, 0.05, n))
     memory = rng.uniform(10, 40) * 1e9 * (1 + 0.002 * rng.normal(size=n))
     config: dict[str, Any] = {
-        "learning_rate": peak_lr, "warmup_steps": warmup, "max_steps": n, "logging_steps": logging_steps,
-        "eval_steps": eval_steps, "max_grad_norm": 1.0, "num_train_epochs": epochs, "bf16": True,
-        "eval_strategy": "steps", "save_strategy": "steps", "save_steps": max(1, n // 10), "lora_r": 16,
+        "learning_rate": peak_lr,
+        "warmup_steps": warmup,
+        "max_steps": n,
+        "logging_steps": logging_steps,
+        "eval_steps": eval_steps,
+        "max_grad_norm": 1.0,
+        "num_train_epochs": epochs,
+        "bf16": True,
+        "eval_strategy": "steps",
+        "save_strategy": "steps",
+        "save_steps": max(1, n // 10),
+        "lora_r": 16,
     }
-    truth = Truth(params=dict(failure=failure, at=at, seed=seed, noise=noise, shape=shape, steps=n, logging_steps=logging_steps))
-    return _Sim(rng=rng, n=n, a=int(round(at * n)), warmup=warmup, logging_steps=logging_steps, eval_steps=eval_steps,
-                noise=noise, shape=shape, epochs=epochs, step_ix=step_ix, base=base, level=level, lr=lr,
-                epoch=step_ix / (n / epochs), ep_idx=ep_idx, eps=eps, gnorm=gnorm, throughput=throughput, memory=memory,
-                config=config, truth=truth)
+    truth = Truth(
+        params=dict(failure=failure, at=at, seed=seed, noise=noise, shape=shape, steps=n, logging_steps=logging_steps)
+    )
+    return _Sim(
+        rng=rng,
+        n=n,
+        a=int(round(at * n)),
+        warmup=warmup,
+        logging_steps=logging_steps,
+        eval_steps=eval_steps,
+        noise=noise,
+        shape=shape,
+        epochs=epochs,
+        step_ix=step_ix,
+        base=base,
+        level=level,
+        lr=lr,
+        epoch=step_ix / (n / epochs),
+        ep_idx=ep_idx,
+        eps=eps,
+        gnorm=gnorm,
+        throughput=throughput,
+        memory=memory,
+        config=config,
+        truth=truth,
+    )
 
 
 def _logged_train(s: _Sim, failure: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -254,9 +320,9 @@ def _logged_train(s: _Sim, failure: str | None) -> tuple[np.ndarray, np.ndarray,
     loss_step = 0.03 * s.rng.normal(size=s.n) + 0.002 if s.shape == "grpo" else s.level * np.exp(s.eps)
     gn = s.gnorm.copy()
     if failure == "nan":
-        loss_step[s.a - 1:] = np.nan
-        gn[s.a - 1:] = np.nan
-        gn[s.a - 1 - 3 * s.logging_steps: s.a - 1] *= np.linspace(3, 30, 3 * s.logging_steps)  # the climb before it
+        loss_step[s.a - 1 :] = np.nan
+        gn[s.a - 1 :] = np.nan
+        gn[s.a - 1 - 3 * s.logging_steps : s.a - 1] *= np.linspace(3, 30, 3 * s.logging_steps)  # the climb before it
     m = s.n // s.logging_steps
     steps = (np.arange(1, m + 1) * s.logging_steps).astype(np.int64)
     win = loss_step[: m * s.logging_steps].reshape(m, s.logging_steps)
@@ -298,8 +364,18 @@ def make_run(
     """A synthetic run with ``failure`` starting at fraction ``at`` of the run; returns ``(frame, truth)``."""
     if failure not in FAILURES:
         raise ValueError(f"unknown failure {failure!r}; use one of {', '.join(str(f) for f in FAILURES)}")
-    s = _simulate(failure=failure, at=at, seed=seed, noise=noise, shape=shape, steps=steps, logging_steps=logging_steps,
-                  eval_steps=eval_steps, warmup_ratio=warmup_ratio, epochs=epochs)
+    s = _simulate(
+        failure=failure,
+        at=at,
+        seed=seed,
+        noise=noise,
+        shape=shape,
+        steps=steps,
+        logging_steps=logging_steps,
+        eval_steps=eval_steps,
+        warmup_ratio=warmup_ratio,
+        epochs=epochs,
+    )
     rl = shape in ("dpo", "grpo")
     if rl:
         s.trainer = "DPOTrainer" if shape == "dpo" else "GRPOTrainer"
@@ -307,24 +383,43 @@ def make_run(
         _PLANT[failure](s)
     steps_l, loss, gn = _logged_train(s, failure)
     columns: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "train/loss": (steps_l, loss), "train/grad_norm": (steps_l, gn),
-        "train/learning_rate": (steps_l, s.lr[steps_l - 1]), "train/epoch": (steps_l, s.epoch[steps_l - 1]),
+        "train/loss": (steps_l, loss),
+        "train/grad_norm": (steps_l, gn),
+        "train/learning_rate": (steps_l, s.lr[steps_l - 1]),
+        "train/epoch": (steps_l, s.epoch[steps_l - 1]),
     }
     if shape in ("exp", "power") or failure in ("throughput_drop", "memory_growth"):
         columns["train/tokens_per_second"] = (steps_l, s.throughput[steps_l - 1])
         columns["train/memory_allocated"] = (steps_l, s.memory[steps_l - 1])
     if rl:
-        columns["train/rewards/chosen"] = (steps_l, np.linspace(0, 1, steps_l.size) + s.rng.normal(0, 0.1, steps_l.size))
+        columns["train/rewards/chosen"] = (
+            steps_l,
+            np.linspace(0, 1, steps_l.size) + s.rng.normal(0, 0.1, steps_l.size),
+        )
     if failure != "nan" and not rl:
         columns["eval/loss"] = _eval_losses(s, failure)
     lengths = [len(st) for st, _ in columns.values()]
     stepcol = np.concatenate([st for st, _ in columns.values()])
-    frame = make_frame(run=run, source="synth", metric=np.repeat(np.array(list(columns), dtype=object), lengths),
-                       step=stepcol, value=np.concatenate([v for _, v in columns.values()]),
-                       wall_time=1.7e9 + 0.5 * stepcol)
+    frame = make_frame(
+        run=run,
+        source="synth",
+        metric=np.repeat(np.array(list(columns), dtype=object), lengths),
+        step=stepcol,
+        value=np.concatenate([v for _, v in columns.values()]),
+        wall_time=1.7e9 + 0.5 * stepcol,
+    )
     save = s.config["save_steps"]
-    info = RunInfo(name=run, sources=["synth"], config=s.config, max_steps=s.n, logging_steps=logging_steps,
-                   eval_steps=s.eval_steps, save_steps=save, num_train_epochs=float(s.epochs),
-                   checkpoints={int(k): f"checkpoint-{int(k)}" for k in range(save, s.n + 1, save)}, finished=True,
-                   trainer_class=s.trainer)
+    info = RunInfo(
+        name=run,
+        sources=["synth"],
+        config=s.config,
+        max_steps=s.n,
+        logging_steps=logging_steps,
+        eval_steps=s.eval_steps,
+        save_steps=save,
+        num_train_epochs=float(s.epochs),
+        checkpoints={int(k): f"checkpoint-{int(k)}" for k in range(save, s.n + 1, save)},
+        finished=True,
+        trainer_class=s.trainer,
+    )
     return attach_runs(frame, {run: info}), s.truth

@@ -5,7 +5,7 @@ from __future__ import annotations
 from helpers.fuzz_counter import CASES_RUN
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if CASES_RUN:
         terminalreporter.write_sep("-", f"fuzz: {sum(CASES_RUN.values())} cases run")
         for name, n in sorted(CASES_RUN.items()):

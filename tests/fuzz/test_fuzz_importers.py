@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers.fuzz_counter import CASES_RUN
-from helpers.paths import SHARED
-from helpers.reliability import make_damaged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +22,9 @@ from autopsy.errors import AutopsyError
 from autopsy.frame import validate_frame
 from autopsy.importers import read_files
 from autopsy.runinfo import catalog
+from helpers.fuzz_counter import CASES_RUN
+from helpers.paths import SHARED
+from helpers.reliability import make_damaged
 
 NAN_RUN = make_damaged.NAN_RUN
 TIME_BOUND_S = 10.0  # one small file (<100 KB) per case: anything slower is a hang or a quadratic path

@@ -169,7 +169,7 @@ def open_page(html_path: Path, *, width: int = 1280, height: int = 2000) -> dict
             port = int(port_file.read_text().splitlines()[0])
             while True:  # the port file can appear before the page target is ready: retry until the deadline
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:  # noqa: S310
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                         page = next(t for t in json.load(r) if t.get("type") == "page")
                     ws = _WebSocket(page["webSocketDebuggerUrl"])
                     break

@@ -15,7 +15,7 @@ from autopsy.runinfo import Damage, RunInfo, attach_runs
 HOSTILE = '<script>alert("x")</script>&run|1'
 
 
-def synthetic_frame(run: str, *, steps: int = 60, bad_from: int = 31, spike_at: int = 12) -> "object":
+def synthetic_frame(run: str, *, steps: int = 60, bad_from: int = 31, spike_at: int = 12) -> object:
     s = np.arange(1, steps + 1)
     loss = 4.0 * np.exp(-s / 40.0) + 0.5
     loss[spike_at - 1] *= 3.0

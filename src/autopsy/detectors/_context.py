@@ -13,11 +13,22 @@ from autopsy.series import metric_names, series
 __all__ = ["clip_threshold", "hf_trainer_like", "rl_objective", "warmup_end_step"]
 
 # settings only HF TrainingArguments (and the trainers built on it: TRL, axolotl, LLaMA-Factory, ms-swift) carry
-_HF_CONFIG_KEYS = frozenset({
-    "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "logging_nan_inf_filter",
-    "warmup_ratio", "lr_scheduler_type", "eval_strategy", "evaluation_strategy", "save_strategy", "output_dir",
-    "trainer_class", "max_grad_norm",
-})
+_HF_CONFIG_KEYS = frozenset(
+    {
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "logging_nan_inf_filter",
+        "warmup_ratio",
+        "lr_scheduler_type",
+        "eval_strategy",
+        "evaluation_strategy",
+        "save_strategy",
+        "output_dir",
+        "trainer_class",
+        "max_grad_norm",
+    }
+)
 # sources written by HF Trainer itself
 _HF_SOURCES = frozenset({"trainer_state", "training_args"})
 

@@ -41,7 +41,10 @@ def grad_climb(frame: pd.DataFrame, first_bad: int, *, factor: float = 3.0) -> d
     base = float(np.median(v[: max(3, len(v) // 2)]))
     if not base > 0:
         return {}
-    out: dict[str, Any] = {"grad_norm_median_before": evidence_value(base), "grad_norm_before_failure": evidence_value(float(v[-1]))}
+    out: dict[str, Any] = {
+        "grad_norm_median_before": evidence_value(base),
+        "grad_norm_before_failure": evidence_value(float(v[-1])),
+    }
     high = v > factor * base
     if not high[-1]:
         return out

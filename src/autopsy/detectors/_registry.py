@@ -161,7 +161,9 @@ class DetectorSpec:
         for key, value in (params or {}).items():
             param = self.params.get(key)
             if param is None:
-                raise UsageError(f"detector {self.name} has no parameter {key!r}; it takes: {', '.join(self.params) or 'none'}")
+                raise UsageError(
+                    f"detector {self.name} has no parameter {key!r}; it takes: {', '.join(self.params) or 'none'}"
+                )
             try:
                 out[key] = param.convert(value)
             except (ValueError, TypeError):
@@ -180,14 +182,16 @@ class DetectorSpec:
             kwargs["info"] = info
         try:
             got = list(self.func(frame, **kwargs) or [])
-        except Exception as exc:  # noqa: BLE001 - a detector that crashes is an error entry, the others still run
+        except Exception as exc:
             return Outcome(errors=[f"{type(exc).__name__}: {exc}"])
         outcome = Outcome()
         for f in got:
             if not isinstance(f, Finding):
                 outcome.errors.append(f"returned {type(f).__name__}, not a Finding")
             elif f.signature not in self.signatures:
-                outcome.errors.append(f"emitted {f.signature!r}, which it does not declare (signatures={list(self.signatures)})")
+                outcome.errors.append(
+                    f"emitted {f.signature!r}, which it does not declare (signatures={list(self.signatures)})"
+                )
             else:
                 f.detector = f.detector or self.name
                 outcome.findings.append(f)
@@ -201,7 +205,7 @@ def _params_of(name: str, func: DetectorFunc) -> tuple[dict[str, Param], bool]:
     sig = inspect.signature(func)
     try:
         hints = typing.get_type_hints(func)
-    except Exception as exc:  # noqa: BLE001 - an annotation that names nothing importable
+    except Exception as exc:
         raise RegistrationError(f"detector {name}: cannot resolve its annotations ({exc})") from None
     params: dict[str, Param] = {}
     takes_info = False
@@ -222,7 +226,9 @@ def _params_of(name: str, func: DetectorFunc) -> tuple[dict[str, Param], bool]:
             if param.convert(p.default) != p.default:
                 raise ValueError(p.default)
         except (ValueError, TypeError):
-            raise RegistrationError(f"detector {name}: the default {pname}={p.default!r} is not {param.type_name}") from None
+            raise RegistrationError(
+                f"detector {name}: the default {pname}={p.default!r} is not {param.type_name}"
+            ) from None
         params[pname] = param
     return params, takes_info
 
@@ -250,25 +256,35 @@ def detector(
         sigs = tuple(signatures or (det_name,))
         unknown = [s for s in sigs if s not in SIGNATURES]
         if unknown:
-            raise RegistrationError(f"detector {det_name}: unknown signature(s) {', '.join(unknown)}: define them first "
-                                    "with autopsy.signatures.define_signature(id, summary)")
+            raise RegistrationError(
+                f"detector {det_name}: unknown signature(s) {', '.join(unknown)}: define them first "
+                "with autopsy.signatures.define_signature(id, summary)"
+            )
         bad = [m for m in (*requires, *requires_any) if not is_canonical(m)]
         if bad:
-            raise RegistrationError(f"detector {det_name}: requires {', '.join(map(repr, bad))}, which no frame carries: "
-                                    "use canonical names (train/loss, train/grad_norm, eval/loss; see autopsy.metrics)")
+            raise RegistrationError(
+                f"detector {det_name}: requires {', '.join(map(repr, bad))}, which no frame carries: "
+                "use canonical names (train/loss, train/grad_norm, eval/loss; see autopsy.metrics)"
+            )
         params, takes_info = _params_of(det_name, func)
-        _REGISTRY[det_name] = DetectorSpec(name=det_name, func=func, requires=tuple(requires),
-                                           requires_any=tuple(requires_any), signatures=sigs, tags=tuple(tags),
-                                           params=params, takes_info=takes_info)
+        _REGISTRY[det_name] = DetectorSpec(
+            name=det_name,
+            func=func,
+            requires=tuple(requires),
+            requires_any=tuple(requires_any),
+            signatures=sigs,
+            tags=tuple(tags),
+            params=params,
+            takes_info=takes_info,
+        )
         return func
 
     return wrap
 
 
 def registered() -> dict[str, DetectorSpec]:
-    """All registered detectors by name (importing the built-in ones first)."""
-    import autopsy.detectors  # noqa: F401  (registers the built-ins)
-
+    """All registered detectors by name (the built-in ones are registered when ``autopsy.detectors`` is imported,
+    which importing this module does first)."""
     return dict(_REGISTRY)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,9 @@ def reduce_points(s: pd.Series, *, max_points: int = 20_000, how: str = "median"
     b = int(math.ceil(n / max_points))
     m = n // b
     v = s.to_numpy(dtype=np.float64)[: m * b].reshape(m, b)
-    agg = {"median": np.median, "mean": np.mean, "max": np.max, "min": np.min}[how](v, axis=1)
-    return pd.Series(agg, index=s.index[: m * b: b])
+    reducer: Any = {"median": np.median, "mean": np.mean, "max": np.max, "min": np.min}[how]
+    agg = reducer(v, axis=1)
+    return pd.Series(agg, index=s.index[: m * b : b])
 
 
 def robust_scale(v: np.ndarray) -> float:

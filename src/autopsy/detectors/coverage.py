@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.series import metric_names, series
 from autopsy.detectors._registry import detector
 from autopsy.findings import Finding, Severity
 from autopsy.runinfo import RunInfo
+from autopsy.series import metric_names, series
 
 __all__ = ["insufficient_data"]
 
@@ -23,9 +23,16 @@ def insufficient_data(frame: pd.DataFrame, *, info: RunInfo | None = None, min_p
     What to check next: the console log of the run; logging_steps; that this is the run's output directory.
     """
     if frame.empty:
-        return [Finding(signature="insufficient_data", severity=Severity.INFO, summary="no metric was logged for this run",
-                        evidence={"rows": 0}, cause="the run stopped before its first log, or nothing was recorded",
-                        fix="check the run's console log and logging_steps")]
+        return [
+            Finding(
+                signature="insufficient_data",
+                severity=Severity.INFO,
+                summary="no metric was logged for this run",
+                evidence={"rows": 0},
+                cause="the run stopped before its first log, or nothing was recorded",
+                fix="check the run's console log and logging_steps",
+            )
+        ]
     loss = series(frame, "train/loss")
     finite = int(np.isfinite(loss.to_numpy()).sum())
     if finite >= min_points:

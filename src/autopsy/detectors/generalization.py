@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.findings import evidence_value
-from autopsy.metrics import loss_metrics
-from autopsy.series import metric_names, series
-from autopsy.detectors._stats import noise_scale
 from autopsy.detectors._context import rl_objective
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.detectors._stats import noise_scale
+from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.metrics import loss_metrics
 from autopsy.runinfo import RunInfo
+from autopsy.series import metric_names, series
 
 __all__ = ["eval_flat", "overfitting", "sparse_eval"]
 
@@ -62,7 +61,7 @@ def overfitting(
         if v.size < min_points:
             continue
         b = int(np.argmin(v))
-        after = v[b + 1:]
+        after = v[b + 1 :]
         if after.size < 2:
             continue
         best, last = float(v[b]), float(v[-1])
@@ -113,8 +112,10 @@ def overfitting(
                 ),
                 evidence=evidence,
                 cause="the model memorises the training set: too many epochs for this much data, or too little regularization",
-                fix=(f"keep the checkpoint at step {steps[b]} (load_best_model_at_end=True with metric_for_best_model=eval_loss); "
-                     "fewer epochs, more data, weight decay or dropout"),
+                fix=(
+                    f"keep the checkpoint at step {steps[b]} (load_best_model_at_end=True with metric_for_best_model=eval_loss); "
+                    "fewer epochs, more data, weight decay or dropout"
+                ),
             )
         )
     return out
@@ -217,7 +218,11 @@ def sparse_eval(
     if not (few or wide_gap):
         return []
     ep = series(frame, "train/epoch", finite=True)
-    epochs = float(ep.iloc[-1]) if len(ep) else (float(info.num_train_epochs) if info is not None and info.num_train_epochs else 0.0)
+    epochs = (
+        float(ep.iloc[-1])
+        if len(ep)
+        else (float(info.num_train_epochs) if info is not None and info.num_train_epochs else 0.0)
+    )
     return [
         Finding(
             signature="sparse_eval",
@@ -225,7 +230,12 @@ def sparse_eval(
             step=None,
             metric=evals[0],
             summary=f"only {len(e)} eval point(s) over {total} steps (one every ~{gap:.0f} steps): overfitting would be seen late or not at all",
-            evidence={"eval_points": int(len(e)), "eval_every_steps": evidence_value(gap), "run_steps": total, "epochs": evidence_value(epochs)},
+            evidence={
+                "eval_points": int(len(e)),
+                "eval_every_steps": evidence_value(gap),
+                "run_steps": total,
+                "epochs": evidence_value(epochs),
+            },
             cause="eval cadence too sparse for the run length",
             fix=f"set eval_steps to about {max(1, total // 10)}-{max(1, total // 20)} (every 5-10% of training)",
         )

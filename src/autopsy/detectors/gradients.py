@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 
 from autopsy.detectors._context import clip_threshold, warmup_end_step
-from autopsy.findings import evidence_value
-from autopsy.series import series
 from autopsy.detectors._evidence import minutes_between
-from autopsy.detectors._stats import reduce_points, runs_of_true, settle_index
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.detectors._stats import reduce_points, runs_of_true, settle_index
+from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.runinfo import RunInfo
+from autopsy.series import series
 
 __all__ = ["clip_saturation", "exploding_gradients", "vanishing_gradients"]
 
 
-def _post_warmup(frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how: str = "median",
-                 elevated: float = 2.0) -> pd.Series:
+def _post_warmup(
+    frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how: str = "median", elevated: float = 2.0
+) -> pd.Series:
     """The series after warmup and the run's first logs.
 
     Warmup (from the config or the LR curve) is always left out. The first logs are left out only while they sit
@@ -145,10 +145,10 @@ def vanishing_gradients(
         return []
     v = reduce_points(g, max_points=20_000).to_numpy(dtype=np.float64)
     lv = reduce_points(loss, max_points=20_000).to_numpy(dtype=np.float64)
-    late = float(np.median(v[v.size // 2:]))
+    late = float(np.median(v[v.size // 2 :]))
     early = float(np.median(v[: max(2, v.size // 10)]))
     loss_start = float(np.median(lv[: max(2, lv.size // 10)]))
-    loss_end = float(np.median(lv[-max(2, lv.size // 10):]))
+    loss_end = float(np.median(lv[-max(2, lv.size // 10) :]))
     if loss_end == 0.0 or not abs(loss_start) > 0:
         return []  # a 0.0 loss is loss_zero_collapse's finding
     converged = abs(loss_end) < abs(loss_start) / 3.0
@@ -270,13 +270,19 @@ def clip_saturation(
         "loss_rising": rising,
     }
     if logged is not None:
-        evidence.update(share_source=f"the log's own '{logged[1]}' (percent of updates clipped)", share_points=logged[2])
-        summary = (f"the log says clipping fired on {frac:.0%} of updates ('{logged[1]}'); median pre-clip grad norm "
-                   f"{evidence['median_grad_norm']}, max_grad_norm not printed")
+        evidence.update(
+            share_source=f"the log's own '{logged[1]}' (percent of updates clipped)", share_points=logged[2]
+        )
+        summary = (
+            f"the log says clipping fired on {frac:.0%} of updates ('{logged[1]}'); median pre-clip grad norm "
+            f"{evidence['median_grad_norm']}, max_grad_norm not printed"
+        )
     else:
         note = " (max_grad_norm assumed: HF default 1.0)" if assumed else ""
-        summary = (f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm {evidence['median_grad_norm']} "
-                   f"= {ratio:.1f}x max_grad_norm {max_grad_norm}{note}")
+        summary = (
+            f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm {evidence['median_grad_norm']} "
+            f"= {ratio:.1f}x max_grad_norm {max_grad_norm}{note}"
+        )
     return [
         Finding(
             signature="clip_saturation",

@@ -10,15 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.findings import evidence_value
-from autopsy.metrics import loss_metrics
-from autopsy.series import metric_names, series
 from autopsy.checkpoints import restart_point
-from autopsy.detectors._evidence import grad_climb
 from autopsy.detectors._context import rl_objective
+from autopsy.detectors._evidence import grad_climb
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.metrics import loss_metrics
 from autopsy.runinfo import RunInfo
+from autopsy.series import metric_names, series
 
 __all__ = ["loss_zero_collapse", "nan_grad_norm", "nan_loss"]
 
@@ -137,7 +136,9 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
         evidence["loss_zero_after"] = bool((after.to_numpy() == 0.0).all())
     evidence["steps_after_failure"] = int(run["last_step"] - first + 1)
     # the weights are gone when the norm never came back, or when the loss is NaN/0.0 afterwards
-    dead = run["persistent"] or (len(after) > 0 and (~np.isfinite(after.to_numpy()) | (after.to_numpy() == 0.0)).mean() > 0.5)
+    dead = run["persistent"] or (
+        len(after) > 0 and (~np.isfinite(after.to_numpy()) | (after.to_numpy() == 0.0)).mean() > 0.5
+    )
     if dead:
         severity = Severity.CRITICAL
         summary = f"grad norm is {run['first_kind']} from step {first} to the end of the run ({run['nonfinite_points']} logged points)"
@@ -221,8 +222,10 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
         evidence["grad_norm_nonfinite_share"] = evidence_value(float((~np.isfinite(g_during)).mean()))
     evidence.update(restart_point(info, first))
     if grad_nonfinite:
-        cause = ("the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
-                 "all NaN, and the grad norm is non-finite at the same steps")
+        cause = (
+            "the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
+            "all NaN, and the grad norm is non-finite at the same steps"
+        )
         fix = _NAN_FIX + "; set logging_nan_inf_filter=False to see NaN losses as they happen"
         severity = Severity.CRITICAL
     elif grad_zero:
@@ -240,7 +243,8 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
             step=first,
             end_step=last,
             metric="train/loss",
-            summary=f"train loss is exactly 0.0 from step {first}" + (" to the end of the run" if to_end else f" to step {last}"),
+            summary=f"train loss is exactly 0.0 from step {first}"
+            + (" to the end of the run" if to_end else f" to step {last}"),
             evidence=evidence,
             cause=cause,
             fix=fix,

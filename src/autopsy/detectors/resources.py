@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from autopsy.findings import evidence_value
-from autopsy.series import series
-from autopsy.detectors._stats import reduce_points, runs_of_true
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.detectors._stats import reduce_points, runs_of_true
+from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.runinfo import RunInfo
+from autopsy.series import series
 
 __all__ = ["memory_growth", "throughput_drop"]
 
@@ -51,7 +50,7 @@ def throughput_drop(
     if v.size < min_points:
         return []
     i0 = max(1, v.size // 20)
-    base = float(np.median(v[i0: i0 + max(3, v.size // 4)]))
+    base = float(np.median(v[i0 : i0 + max(3, v.size // 4)]))
     if not base > 0:
         return []
     smooth = pd.Series(v).rolling(max(3, v.size // 20), min_periods=1, center=True).median().to_numpy()
@@ -73,8 +72,13 @@ def throughput_drop(
             end_step=int(s.index[b - 1]),
             metric=metric,
             summary=f"{metric} fell from ~{base:.4g} to ~{during:.4g} ({during / base:.0%}) from step {s.index[a]}",
-            evidence={"baseline": evidence_value(base), "during": evidence_value(during), "ratio": evidence_value(during / base),
-                      "low_points": int(b - a), "points": int(v.size)},
+            evidence={
+                "baseline": evidence_value(base),
+                "during": evidence_value(during),
+                "ratio": evidence_value(during / base),
+                "low_points": int(b - a),
+                "points": int(v.size),
+            },
             cause="the input pipeline or the host slowed down (data loader stall, IO, throttling, a shared node)",
             fix="check data loader workers and IO at that step; profile one slow step",
         )
@@ -120,7 +124,7 @@ def memory_growth(
     # rising from where the growth began: the first block clearly above the start (a quarter of min_growth)
     began = np.flatnonzero(blocks > start * (1 + min_growth / 4))
     k = max(1, int(began[0])) if began.size else 1
-    rising = np.diff(blocks[k - 1:])
+    rising = np.diff(blocks[k - 1 :])
     ups = float((rising > 0).mean()) if rising.size >= 2 else 0.0
     if growth < min_growth or ups < monotone_share:
         return []
@@ -132,8 +136,12 @@ def memory_growth(
             end_step=int(idx[-1]),
             metric=metric,
             summary=f"{metric} grew {growth:.0%} ({start:.4g} -> {end:.4g}), rising in {ups:.0%} of the run's tenths",
-            evidence={"start": evidence_value(start), "end": evidence_value(end), "growth": evidence_value(growth),
-                      "rising_share": evidence_value(ups)},
+            evidence={
+                "start": evidence_value(start),
+                "end": evidence_value(end),
+                "growth": evidence_value(growth),
+                "rising_share": evidence_value(ups),
+            },
             cause="something accumulates across steps: a tensor kept with its graph, a growing cache, a callback's list",
             fix="look for per-step accumulation (loss history without .item(), caches); compare memory summaries at two steps",
         )

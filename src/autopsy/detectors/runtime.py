@@ -14,37 +14,51 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopsy.findings import evidence_value
-from autopsy.series import last_step, series
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.runinfo import RunInfo
+from autopsy.series import last_step, series
 
 __all__ = ["abrupt_end", "crash", "loss_scale_collapse", "unreadable_log"]
 
 _CAUSE_FIX: dict[str, tuple[str, str]] = {
-    "oom": ("the GPU ran out of memory: activations (batch size x sequence length), weights and optimizer states "
-            "did not fit",
-            "lower per_device_train_batch_size and raise gradient_accumulation_steps to keep the effective batch; "
-            "shorten the sequence length; gradient_checkpointing=True; bf16; LoRA/8-bit optimizer"),
-    "device_assert": ("a CUDA kernel assertion: almost always an index out of range, such as a label id >= "
-                      "num_classes / vocab size (or < 0 other than -100), or a token id outside the embedding",
-                      "rerun with CUDA_LAUNCH_BLOCKING=1 (or on the CPU) to get the real stack; check label and "
-                      "token id ranges against num_labels / vocab_size after adding tokens (resize_token_embeddings)"),
-    "nccl_timeout": ("a collective (all-reduce) waited past the NCCL timeout: one rank hung or died (OOM, data "
-                     "loader stall, uneven batches, a rank doing extra work such as eval/saving alone)",
-                     "find the rank that stopped first in its own log; set TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and "
-                     "NCCL_DEBUG=INFO; raise ddp_timeout only if a long step is expected (saving, eval)"),
-    "killed": ("the process was killed with SIGKILL (exit 137): most often the host's OOM killer (CPU RAM: data "
-               "loading, replay buffers, a dataset held in memory), or the scheduler's time/memory limit",
-               "check `dmesg`/the scheduler for an oom-kill; lower dataloader workers, stream the dataset, raise "
-               "the job's memory limit; resume from the last checkpoint"),
-    "disk_full": ("the disk filled up while writing (checkpoints, logs, cache)",
-                  "free space or point output_dir/HF_HOME elsewhere; save_total_limit=2; save_only_model=True"),
-    "interrupted": ("the run was stopped by hand (KeyboardInterrupt / SIGINT)",
-                    "nothing failed; resume from the last checkpoint if the run should go on"),
-    "other": ("the training process raised an exception and exited", "read the exception and the last frames of "
-              "the traceback in the evidence; fix and resume from the last checkpoint"),
+    "oom": (
+        "the GPU ran out of memory: activations (batch size x sequence length), weights and optimizer states "
+        "did not fit",
+        "lower per_device_train_batch_size and raise gradient_accumulation_steps to keep the effective batch; "
+        "shorten the sequence length; gradient_checkpointing=True; bf16; LoRA/8-bit optimizer",
+    ),
+    "device_assert": (
+        "a CUDA kernel assertion: almost always an index out of range, such as a label id >= "
+        "num_classes / vocab size (or < 0 other than -100), or a token id outside the embedding",
+        "rerun with CUDA_LAUNCH_BLOCKING=1 (or on the CPU) to get the real stack; check label and "
+        "token id ranges against num_labels / vocab_size after adding tokens (resize_token_embeddings)",
+    ),
+    "nccl_timeout": (
+        "a collective (all-reduce) waited past the NCCL timeout: one rank hung or died (OOM, data "
+        "loader stall, uneven batches, a rank doing extra work such as eval/saving alone)",
+        "find the rank that stopped first in its own log; set TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and "
+        "NCCL_DEBUG=INFO; raise ddp_timeout only if a long step is expected (saving, eval)",
+    ),
+    "killed": (
+        "the process was killed with SIGKILL (exit 137): most often the host's OOM killer (CPU RAM: data "
+        "loading, replay buffers, a dataset held in memory), or the scheduler's time/memory limit",
+        "check `dmesg`/the scheduler for an oom-kill; lower dataloader workers, stream the dataset, raise "
+        "the job's memory limit; resume from the last checkpoint",
+    ),
+    "disk_full": (
+        "the disk filled up while writing (checkpoints, logs, cache)",
+        "free space or point output_dir/HF_HOME elsewhere; save_total_limit=2; save_only_model=True",
+    ),
+    "interrupted": (
+        "the run was stopped by hand (KeyboardInterrupt / SIGINT)",
+        "nothing failed; resume from the last checkpoint if the run should go on",
+    ),
+    "other": (
+        "the training process raised an exception and exited",
+        "read the exception and the last frames of "
+        "the traceback in the evidence; fix and resume from the last checkpoint",
+    ),
 }
 
 
@@ -86,12 +100,21 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
     evidence["last_step"] = last
     if info is not None and info.max_steps:
         evidence["max_steps"] = int(info.max_steps)
-    what = {"oom": "CUDA out of memory", "device_assert": "a device-side assert", "nccl_timeout": "an NCCL timeout",
-            "killed": "a SIGKILL (host OOM killer?)", "disk_full": "a full disk", "interrupted": "a KeyboardInterrupt"}
+    what = {
+        "oom": "CUDA out of memory",
+        "device_assert": "a device-side assert",
+        "nccl_timeout": "an NCCL timeout",
+        "killed": "a SIGKILL (host OOM killer?)",
+        "disk_full": "a full disk",
+        "interrupted": "a KeyboardInterrupt",
+    }
     desc = what.get(kind) or (c.get("exception") or "an exception")
     if kind == "oom":
-        sizes = [f"{k.replace('_gib', '').replace('_', ' ')} {c[k]} GiB" for k in
-                 ("tried_to_allocate_gib", "total_capacity_gib", "already_allocated_gib", "free_gib") if k in c]
+        sizes = [
+            f"{k.replace('_gib', '').replace('_', ' ')} {c[k]} GiB"
+            for k in ("tried_to_allocate_gib", "total_capacity_gib", "already_allocated_gib", "free_gib")
+            if k in c
+        ]
         if sizes:
             desc += " (" + ", ".join(sizes) + ")"
         if info is not None:
@@ -101,7 +124,9 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
             if est is not None:
                 evidence["memory_estimate"] = est
                 if est.get("best_knob"):
-                    fix = f"most headroom: {est['best_knob']} (saves ~{est['savings_gib'][est['best_knob']]} GiB); " + fix
+                    fix = (
+                        f"most headroom: {est['best_knob']} (saves ~{est['savings_gib'][est['best_knob']]} GiB); " + fix
+                    )
     if kind == "other" and c.get("exception"):
         cause = f"the training process raised {c['exception']}: {str(c.get('message', ''))[:160]}"
     where = f" after step {last}" if last is not None else ""
@@ -109,8 +134,18 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
     if c.get("message_cut"):
         severity = Severity.ERROR
         evidence["confidence"] = "low: the crash message is cut off"
-    return [Finding(signature="crash", severity=severity, step=last, metric=None,
-                    summary=f"the run died{where}: {desc}", evidence=evidence, cause=cause, fix=fix)]
+    return [
+        Finding(
+            signature="crash",
+            severity=severity,
+            step=last,
+            metric=None,
+            summary=f"the run died{where}: {desc}",
+            evidence=evidence,
+            cause=cause,
+            fix=fix,
+        )
+    ]
 
 
 def _nonfinite_at_end(frame: pd.DataFrame) -> bool:
@@ -168,18 +203,36 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Find
         evidence["last_checkpoint_step"] = max(saved) if saved else None
     of = f" of {planned}" if planned else ""
     why = f" ({c.get('kind')})" if c is not None else " with no final record"
-    return [Finding(signature="abrupt_end", severity=Severity.ERROR, step=last, end_step=None, metric=None,
-                    summary=(f"the run stopped at step {last}{of}{why}" if last is not None
-                             else f"the run stopped before logging a step{why}"), evidence=evidence,
-                    cause="the process ended before its planned steps: " + (
-                        "see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"),
-                    fix="resume from the last checkpoint after fixing the cause; with no message, check the "
-                        "scheduler's log and `dmesg` for an oom-kill")]
+    return [
+        Finding(
+            signature="abrupt_end",
+            severity=Severity.ERROR,
+            step=last,
+            end_step=None,
+            metric=None,
+            summary=(
+                f"the run stopped at step {last}{of}{why}"
+                if last is not None
+                else f"the run stopped before logging a step{why}"
+            ),
+            evidence=evidence,
+            cause="the process ended before its planned steps: "
+            + ("see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"),
+            fix="resume from the last checkpoint after fixing the cause; with no message, check the "
+            "scheduler's log and `dmesg` for an oom-kill",
+        )
+    ]
 
 
 @detector(requires=("train/loss_scale",), signatures=("loss_scale_collapse",), tags=("numerics", "precision"))
-def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max_final_scale: float = 8.0,
-                        min_halvings: int = 3, min_overflow_streak: int = 3) -> list[Finding]:
+def loss_scale_collapse(
+    frame: pd.DataFrame,
+    *,
+    info: RunInfo | None = None,
+    max_final_scale: float = 8.0,
+    min_halvings: int = 3,
+    min_overflow_streak: int = 3,
+) -> list[Finding]:
     """The fp16 loss scale keeps halving: every step overflows and is skipped.
 
     Signature: the dynamic loss scale ends at or below `max_final_scale` after falling by at least
@@ -226,15 +279,22 @@ def loss_scale_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, max
     loss = series(frame, "train/loss")
     nan_loss = bool(len(loss) and not np.isfinite(loss.to_numpy()[-1]))
     severity = Severity.CRITICAL if final <= 1.0 or nan_loss or streak >= min_overflow_streak else Severity.ERROR
-    return [Finding(signature="loss_scale_collapse", severity=severity, step=first, end_step=int(steps[-1]),
-                    metric="train/loss_scale",
-                    summary=f"fp16 loss scale fell to {evidence_value(final)} ({halvings:.0f} halvings from "
-                            f"{evidence_value(peak)}); steps overflow and are skipped",
-                    evidence=evidence,
-                    cause="fp16 overflow on (nearly) every step: gradients or activations exceed fp16's range, so "
-                          "the dynamic scaler keeps halving and the optimizer skips the updates",
-                    fix="train in bf16 (bf16=True) instead of fp16; otherwise lower the LR, clip gradients, and "
-                        "find the overflowing layer (autopsy replay)")]
+    return [
+        Finding(
+            signature="loss_scale_collapse",
+            severity=severity,
+            step=first,
+            end_step=int(steps[-1]),
+            metric="train/loss_scale",
+            summary=f"fp16 loss scale fell to {evidence_value(final)} ({halvings:.0f} halvings from "
+            f"{evidence_value(peak)}); steps overflow and are skipped",
+            evidence=evidence,
+            cause="fp16 overflow on (nearly) every step: gradients or activations exceed fp16's range, so "
+            "the dynamic scaler keeps halving and the optimizer skips the updates",
+            fix="train in bf16 (bf16=True) instead of fp16; otherwise lower the LR, clip gradients, and "
+            "find the overflowing layer (autopsy replay)",
+        )
+    ]
 
 
 @detector(signatures=("insufficient_data",), tags=("runtime",))
@@ -249,7 +309,13 @@ def unreadable_log(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[
     if info is None or not info.unread_logs or len(frame):
         return []
     u = info.unread_logs[0]
-    return [Finding(signature="insufficient_data", severity=Severity.INFO,
-                    summary=f"no metric line autopsy reads in {u.file} ({u.lines} lines)",
-                    evidence={"file": u.file, "lines": u.lines}, cause="an unknown log format, or not a training log",
-                    fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format")]
+    return [
+        Finding(
+            signature="insufficient_data",
+            severity=Severity.INFO,
+            summary=f"no metric line autopsy reads in {u.file} ({u.lines} lines)",
+            evidence={"file": u.file, "lines": u.lines},
+            cause="an unknown log format, or not a training log",
+            fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format",
+        )
+    ]

@@ -16,13 +16,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from autopsy.detectors._stats import causal_median, runs_of_true, settle_index
-from autopsy.findings import evidence_value
-from autopsy.series import series
 from autopsy.detectors._context import rl_objective, warmup_end_step
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
+from autopsy.detectors._stats import causal_median, runs_of_true, settle_index
+from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.runinfo import RunInfo
+from autopsy.series import series
 
 __all__ = ["loss_spike"]
 
@@ -163,7 +162,9 @@ def loss_spike(
     )
     cause = "a bad batch, or the learning rate at its peak"
     if evidence.get("at_warmup_end"):
-        cause = "the learning rate reached its peak at the end of warmup: the peak LR is too high, or the warmup too short"
+        cause = (
+            "the learning rate reached its peak at the end of warmup: the peak LR is too high, or the warmup too short"
+        )
     return [
         Finding(
             signature="loss_spike",

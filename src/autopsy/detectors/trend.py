@@ -12,16 +12,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from autopsy.runinfo import chance_levels
-from autopsy.findings import evidence_value
 from autopsy.checkpoints import restart_point
-from autopsy.detectors._evidence import grad_climb, minutes_between
-from autopsy.series import series
-from autopsy.detectors._stats import noise_scale, reduce_points, settle_index
 from autopsy.detectors._context import rl_objective, warmup_end_step
+from autopsy.detectors._evidence import grad_climb, minutes_between
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity
-from autopsy.runinfo import RunInfo
+from autopsy.detectors._stats import noise_scale, reduce_points, settle_index
+from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.runinfo import RunInfo, chance_levels
+from autopsy.series import series
 
 __all__ = ["divergence", "epoch_boundary_drop", "oscillation", "plateau"]
 
@@ -125,7 +123,9 @@ def divergence(
     ]
 
 
-def _near_chance(level: float, info: RunInfo | None, tol: float, classes: tuple[int, ...] = ()) -> tuple[str, float] | None:
+def _near_chance(
+    level: float, info: RunInfo | None, tol: float, classes: tuple[int, ...] = ()
+) -> tuple[str, float] | None:
     levels = dict(chance_levels(info))
     for k in (*range(2, 11), *classes):  # ln(2)..ln(10): the losses of a small classifier that learned nothing
         levels.setdefault(f"ln({k})", math.log(k))
@@ -133,8 +133,9 @@ def _near_chance(level: float, info: RunInfo | None, tol: float, classes: tuple[
     return best if abs(best[1] - level) <= tol * best[1] else None
 
 
-def _pinned_at_chance(v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[int, ...],
-                      min_points: int, min_share: float) -> tuple[str, float, int] | None:
+def _pinned_at_chance(
+    v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[int, ...], min_points: int, min_share: float
+) -> tuple[str, float, int] | None:
     """(level name, value, points) when the loss ends pinned at a chance level: the trailing run of logs within
     ``tol`` of ln(k) covers at least ``min_points`` logs and ``min_share`` of the run."""
     if v.size < min_points:
@@ -181,8 +182,13 @@ def plateau(
     v = loss.to_numpy(dtype=np.float64)
     steps = loss.index.to_numpy()
     n = v.size
-    pinned = _pinned_at_chance(v, info, tol=pin_tol, classes=tuple(chance_classes), min_points=pin_points,
-                               min_share=pin_share) if n else None
+    pinned = (
+        _pinned_at_chance(
+            v, info, tol=pin_tol, classes=tuple(chance_classes), min_points=pin_points, min_share=pin_share
+        )
+        if n
+        else None
+    )
     if pinned is not None:
         first = n - pinned[2]
         evidence = {
@@ -206,19 +212,23 @@ def plateau(
                 step=int(steps[first]),
                 end_step=int(steps[-1]),
                 metric="train/loss",
-                summary=(f"train loss pinned at {evidence['end_level']} ~ {pinned[0]} = {evidence['chance_value']} (chance) "
-                         f"for the last {pinned[2]} logs, from step {steps[first]}: the model predicts uniformly"),
+                summary=(
+                    f"train loss pinned at {evidence['end_level']} ~ {pinned[0]} = {evidence['chance_value']} (chance) "
+                    f"for the last {pinned[2]} logs, from step {steps[first]}: the model predicts uniformly"
+                ),
                 evidence=evidence,
-                cause=("the model outputs a uniform distribution: saturated or dead logits (outputs scaled up, a "
-                       "collapsed layer), labels masked, or the weights not updating"),
+                cause=(
+                    "the model outputs a uniform distribution: saturated or dead logits (outputs scaled up, a "
+                    "collapsed layer), labels masked, or the weights not updating"
+                ),
                 fix="check the logits' scale and the labels of a batch; lower the LR if the loss was unstable before; 10x it if it never moved",
             )
         ]
     if n < min_points or np.all(v == 0.0):
         return []
     skip = min(max(1, n // 20), 3)
-    head = v[skip: skip + max(3, n // 10)]
-    tail = v[-max(3, n // 5):]
+    head = v[skip : skip + max(3, n // 10)]
+    tail = v[-max(3, n // 5) :]
     start, end = float(np.median(head)), float(np.median(tail))
     if not abs(start) > 1e-8:
         return []
@@ -247,7 +257,9 @@ def plateau(
         summary = f"train loss stuck at {evidence['end_level']} ~ {chance[0]} = {evidence['chance_value']} (chance) for the whole run"
         severity = Severity.ERROR
     else:
-        summary = f"train loss barely moved: {evidence['start_level']} -> {evidence['end_level']} ({drop:.1%}) over {n} logs"
+        summary = (
+            f"train loss barely moved: {evidence['start_level']} -> {evidence['end_level']} ({drop:.1%}) over {n} logs"
+        )
         severity = Severity.WARNING
     return [
         Finding(
@@ -326,7 +338,7 @@ def oscillation(
     if peaks.size == 0:
         return []
     period = int(peaks[0])
-    trough = float(ac[max(1, period // 2 - 1): period // 2 + 2].min())
+    trough = float(ac[max(1, period // 2 - 1) : period // 2 + 2].min())
     if trough > -min_acf:
         return []
     level = float(np.median(np.abs(v)))

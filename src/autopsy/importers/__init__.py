@@ -31,7 +31,6 @@ import importlib
 import os
 import pkgutil
 from pathlib import Path
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -40,36 +39,21 @@ import pandas as pd
 from autopsy.checkpoints import check_run_checkpoints
 from autopsy.errors import AutopsyError, InputError, UsageError
 from autopsy.frame import concat_frames, empty_frame, merge_sources
+from autopsy.importers._base import ENGINES, Imported, ReadOptions
 from autopsy.runinfo import Damage, RunInfo, attach_runs, catalog
 from autopsy.series import first_nonfinite_step
 
-__all__ = ["ENGINES", "Imported", "ReadOptions", "importer", "importers", "load", "load_run", "priorities", "read_files"]
-
-
-ENGINES = ("auto", "fast", "tbparse")  # TensorBoard readers: auto = fast, tbparse = the reference
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """Options a user can give the readers (each importer reads the ones it knows), checked when made."""
-
-    engine: str = "auto"  # the TensorBoard reader
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise UsageError(f"unknown TensorBoard engine {self.engine!r}: use one of {', '.join(ENGINES)}")
-
-
-@dataclass
-class Imported:
-    """What an importer read: a canonical frame and the runs it is about."""
-
-    frame: pd.DataFrame
-    runs: dict[str, RunInfo] = field(default_factory=dict)
-
-    @classmethod
-    def one(cls, frame: pd.DataFrame, info: RunInfo) -> Imported:
-        return cls(frame=frame, runs={info.name: info})
+__all__ = [
+    "ENGINES",
+    "Imported",
+    "ReadOptions",
+    "importer",
+    "importers",
+    "load",
+    "load_run",
+    "priorities",
+    "read_files",
+]
 
 
 @functools.cache
@@ -94,7 +78,7 @@ def importers() -> tuple[ModuleType, ...]:
 
 def importer(kind: str) -> ModuleType:
     for module in importers():
-        if module.KIND == kind:
+        if kind == module.KIND:
             return module
     raise KeyError(kind)
 
@@ -156,7 +140,9 @@ def load(path: str | os.PathLike[str], *, engine: str = "auto") -> pd.DataFrame:
     return out
 
 
-def read_files(kind: str, paths: list[str | os.PathLike[str]], *, run: str = "run", engine: str = "auto") -> pd.DataFrame:
+def read_files(
+    kind: str, paths: list[str | os.PathLike[str]], *, run: str = "run", engine: str = "auto"
+) -> pd.DataFrame:
     """Read files of one kind with its importer alone (no discovery, no merging): the frame with its runs attached.
 
     For a notebook or a test that wants one source as it is: ``read_files("tensorboard", [path], run="r")``.

@@ -50,8 +50,19 @@ ITER_COUNTER = re.compile(r"\b(?:iteration|iter|step|global step)\s*[:=]?\s*(?P<
 TQDM = re.compile(r"(?P<i>\d+)/(?P<n>\d+) \[(?:\d+:)?\d+:\d+<")
 KERAS_HEADER = re.compile(r"^\s*Epoch (?P<e>\d+)/(?P<etot>\d+)\s*$")
 
-STEP_KEYS = {"step", "global_step", "num_updates", "iteration", "iter", "steps", "update", "global_steps", "it",
-             "train_step", "trainer/global_step"}
+STEP_KEYS = {
+    "step",
+    "global_step",
+    "num_updates",
+    "iteration",
+    "iter",
+    "steps",
+    "update",
+    "global_steps",
+    "it",
+    "train_step",
+    "trainer/global_step",
+}
 
 # fp16 dynamic loss scalers: DeepSpeed, apex, fairseq, torch.cuda.amp (via a printed scale)
 OVERFLOW = re.compile(
@@ -93,31 +104,71 @@ TABLE_HEADER = re.compile(r"^\s*\|?\s*(?:Step|Epoch)\s*(?:\||\t)(?=.*loss)", re.
 # --- crashes --------------------------------------------------------------------------------------------
 
 CRASH_KINDS: list[tuple[str, re.Pattern[str]]] = [
-    ("oom", re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|RESOURCE_EXHAUSTED|"
-                       r"ResourceExhaustedError|OOM when allocating|ran out of memory|"
-                       r"bfc_allocator\.cc:\d+\] Allocator|HIP out of memory|MPS backend out of memory")),
-    ("device_assert", re.compile(r"device-side assert|Assertion [`'].*[`'] failed|index out of bounds|"
-                                 r"srcIndex < srcSelectDimSize|CUDA error: an illegal memory access")),
+    (
+        "oom",
+        re.compile(
+            r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|RESOURCE_EXHAUSTED|"
+            r"ResourceExhaustedError|OOM when allocating|ran out of memory|"
+            r"bfc_allocator\.cc:\d+\] Allocator|HIP out of memory|MPS backend out of memory"
+        ),
+    ),
+    (
+        "device_assert",
+        re.compile(
+            r"device-side assert|Assertion [`'].*[`'] failed|index out of bounds|"
+            r"srcIndex < srcSelectDimSize|CUDA error: an illegal memory access"
+        ),
+    ),
     ("disk_full", re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded")),
-    ("killed", re.compile(r"(?m)^\W*Killed\W*$|\b\d+ Killed\s|已杀死|Signal 9 \(SIGKILL\)|\bSIGKILL\b|exit ?code:? ?(?:-9|137)\b|"
-                          r"oom-kill|Out of memory: Killed process|killed by signal 9")),
-    ("nccl_timeout", re.compile(r"Watchdog caught collective|collective operation timeout|NCCL.{0,80}time(?:d )?out|"
-                                r"ProcessGroupNCCL.{0,120}[Tt]imeout|DistBackendError.{0,80}[Tt]imeout")),
+    (
+        "killed",
+        re.compile(
+            r"(?m)^\W*Killed\W*$|\b\d+ Killed\s|已杀死|Signal 9 \(SIGKILL\)|\bSIGKILL\b|exit ?code:? ?(?:-9|137)\b|"
+            r"oom-kill|Out of memory: Killed process|killed by signal 9"
+        ),
+    ),
+    (
+        "nccl_timeout",
+        re.compile(
+            r"Watchdog caught collective|collective operation timeout|NCCL.{0,80}time(?:d )?out|"
+            r"ProcessGroupNCCL.{0,120}[Tt]imeout|DistBackendError.{0,80}[Tt]imeout"
+        ),
+    ),
     ("interrupted", re.compile(r"KeyboardInterrupt")),
 ]
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):")
 EXCEPTION_LINE = re.compile(
     r"(?m)^[\W_]*(?P<name>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure|Fault))\b\W*?:?\s*(?P<msg>.*)$"
 )
-_UNIT = {"b": 1 / 2**30, "kib": 1 / 2**20, "kb": 1 / 2**20, "mib": 1 / 2**10, "mb": 1 / 2**10, "gib": 1.0, "gb": 1.0,
-         "tib": 2**10, "tb": 2**10}
+_UNIT = {
+    "b": 1 / 2**30,
+    "kib": 1 / 2**20,
+    "kb": 1 / 2**20,
+    "mib": 1 / 2**10,
+    "mb": 1 / 2**10,
+    "gib": 1.0,
+    "gb": 1.0,
+    "tib": 2**10,
+    "tb": 2**10,
+}
 _SIZE = r"(?P<n>[\d.]+)\s*(?P<u>[KMGT]i?B|B)"
 OOM_SIZES = {
     "tried_to_allocate_gib": re.compile(r"(?:Tried to allocate|trying to allocate)\s*" + _SIZE),
-    "total_capacity_gib": re.compile(_SIZE + r" total capacity|total capacity of\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>")),
-    "already_allocated_gib": re.compile(_SIZE + r" already allocated|allocated memory\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is allocated"),
-    "free_gib": re.compile(_SIZE + r" free\b|of which\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is free"),
-    "reserved_gib": re.compile(_SIZE + r" reserved in total|" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is reserved"),
+    "total_capacity_gib": re.compile(
+        _SIZE + r" total capacity|total capacity of\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>")
+    ),
+    "already_allocated_gib": re.compile(
+        _SIZE
+        + r" already allocated|allocated memory\s*"
+        + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>")
+        + r" is allocated"
+    ),
+    "free_gib": re.compile(
+        _SIZE + r" free\b|of which\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is free"
+    ),
+    "reserved_gib": re.compile(
+        _SIZE + r" reserved in total|" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is reserved"
+    ),
 }
 
 
@@ -140,7 +191,7 @@ class ConsoleParse:
     # records: parallel lists, one entry per metric line / dict
     line: list[int] = field(default_factory=list)
     step: list[int | None] = field(default_factory=list)  # from the line itself
-    epoch: list[int | None] = field(default_factory=list)  # epoch + counter on the line: (e, i, n)
+    epoch: list[tuple[int, int, int] | None] = field(default_factory=list)  # epoch + counter on the line: (e, i, n)
     counter: list[tuple[int, int] | None] = field(default_factory=list)
     kind: list[str] = field(default_factory=list)  # "dict", "pairs"
     pairs: list[dict[str, float]] = field(default_factory=list)
@@ -259,8 +310,15 @@ def parse_console(text: str) -> ConsoleParse:
     return out
 
 
-def _table(out: ConsoleParse, lines: list[str], i: int, header: list[str], sep: str, last_tqdm: int | None,
-           keras_epoch: int | None) -> int:
+def _table(
+    out: ConsoleParse,
+    lines: list[str],
+    i: int,
+    header: list[str],
+    sep: str,
+    last_tqdm: int | None,
+    keras_epoch: int | None,
+) -> int:
     """Rows of a notebook progress table under ``header``; returns the index of the first line after it."""
     names = [_clean_key(h).lower().replace(" ", "_").replace("_/_", "/") for h in header]
     while i < len(lines):
@@ -279,12 +337,21 @@ def _table(out: ConsoleParse, lines: list[str], i: int, header: list[str], sep: 
     return i
 
 
-def _add(out: ConsoleParse, line: int, step: int | None, epoch: tuple[int, int, int] | None,
-         counter: tuple[int, int] | None, kind: str, values: dict[str, float], raw: dict[str, str],
-         last_tqdm: int | None, keras_epoch: int | None) -> None:
+def _add(
+    out: ConsoleParse,
+    line: int,
+    step: int | None,
+    epoch: tuple[int, int, int] | None,
+    counter: tuple[int, int] | None,
+    kind: str,
+    values: dict[str, float],
+    raw: dict[str, str],
+    last_tqdm: int | None,
+    keras_epoch: int | None,
+) -> None:
     out.line.append(line)
     out.step.append(step)
-    out.epoch.append(epoch)  # type: ignore[arg-type]
+    out.epoch.append(epoch)
     out.counter.append(counter)
     out.kind.append(kind)
     out.pairs.append(values)
@@ -383,9 +450,8 @@ def find_crash(tail: str, *, offset_line: int = 0) -> dict[str, Any] | None:
             found = (kind, m)
             break
     exc_name = exc_msg = None
-    tb = None
-    for tb in TRACEBACK.finditer(tail):
-        pass
+    tracebacks = list(TRACEBACK.finditer(tail))
+    tb = tracebacks[-1] if tracebacks else None
     # the exception a traceback ends with (the first one after the last traceback), else the last one printed
     candidates = [em for em in EXCEPTION_LINE.finditer(tail) if not em.group(0).lstrip().startswith("File ")]
     after = [em for em in candidates if tb is not None and em.start() > tb.end()]
@@ -400,7 +466,7 @@ def find_crash(tail: str, *, offset_line: int = 0) -> dict[str, Any] | None:
     if found is not None:
         ls = tail.rfind("\n", 0, found[1].start()) + 1
         le = tail.find("\n", found[1].end())
-        message = tail[ls: le if le >= 0 else len(tail)].strip()
+        message = tail[ls : le if le >= 0 else len(tail)].strip()
     elif exc_name:
         message = f"{exc_name}: {exc_msg}".strip(": ")
     lines = [ln.rstrip() for ln in tail.splitlines() if ln.strip()]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 __all__ = ["BLOCK_SIZE", "FILE_HEADER", "LogRead", "LogStream", "read_log"]
 
@@ -130,7 +131,9 @@ class LogStream:
                     break  # block trailer: zero padding
                 if pos + CHUNK_HEADER > n:  # the last block ends inside a chunk header
                     if data[pos:].strip(b"\x00"):
-                        problems.append((start + pos, f"truncated chunk header ({n - pos} bytes at the end of the file)"))
+                        problems.append(
+                            (start + pos, f"truncated chunk header ({n - pos} bytes at the end of the file)")
+                        )
                         self.skipped_bytes += n - pos
                         zero_run = 0
                     else:
@@ -151,8 +154,11 @@ class LogStream:
                 zero_run = 0
                 end = pos + CHUNK_HEADER + length
                 if ctype not in (FULL, FIRST, MIDDLE, LAST) or end > BLOCK_SIZE:
-                    problem = f"unknown chunk type {ctype}" if ctype not in (FULL, FIRST, MIDDLE, LAST) else \
-                        f"chunk length {length} runs past its block"
+                    problem = (
+                        f"unknown chunk type {ctype}"
+                        if ctype not in (FULL, FIRST, MIDDLE, LAST)
+                        else f"chunk length {length} runs past its block"
+                    )
                     if end > n and ctype in (FULL, FIRST, MIDDLE, LAST) and n < BLOCK_SIZE:
                         problem = f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"
                     problems.append((start + pos, problem))
@@ -160,12 +166,14 @@ class LogStream:
                     drop_pending("damaged block")
                     break
                 if end > n:
-                    problems.append((start + pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"))
+                    problems.append(
+                        (start + pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present")
+                    )
                     self.skipped_bytes += n - pos
                     drop_pending("truncated file")
                     stop = True
                     break
-                chunk = data[pos + CHUNK_HEADER:end]
+                chunk = data[pos + CHUNK_HEADER : end]
                 if not _crc_ok(crc, ctype, chunk):
                     problems.append((start + pos, "CRC mismatch"))
                     self.skipped_bytes += n - pos

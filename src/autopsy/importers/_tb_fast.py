@@ -18,11 +18,27 @@ from autopsy.importers._tfrecord import gather
 
 __all__ = ["decode_fast"]
 
-_HASH_WEIGHTS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-                          0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3,
-                          0x1D8E4E27C47D124F, 0x9FB21C651E98DF25, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
-                          0x2545F4914F6CDD1D, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x62A9D9ED799705F5],
-                         dtype=np.uint64)
+_HASH_WEIGHTS = np.array(
+    [
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xA0761D6478BD642F,
+        0xE7037ED1A0B428DB,
+        0x8EBC6AF09C88C6E3,
+        0x589965CC75374CC3,
+        0x1D8E4E27C47D124F,
+        0x9FB21C651E98DF25,
+        0xBF58476D1CE4E5B9,
+        0x94D049BB133111EB,
+        0x2545F4914F6CDD1D,
+        0xFF51AFD7ED558CCD,
+        0xC4CEB9FE1A85EC53,
+        0x62A9D9ED799705F5,
+    ],
+    dtype=np.uint64,
+)
 
 
 # --- the fast engine ------------------------------------------------------------------------------
@@ -84,6 +100,7 @@ def _tag_codes_long(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tup
     """
     n = len(start)
     words = (int(length.max()) + 7) // 8 if n else 0
+
     def u64(pos: np.ndarray) -> np.ndarray:  # the 8 bytes at each of pos, zero past the end of b
         return gather(b, pos, 8).view("<u8").reshape(-1)
 
@@ -101,13 +118,13 @@ def _tag_codes_long(b: np.ndarray, start: np.ndarray, length: np.ndarray) -> tup
     codes = np.asarray(codes, dtype=np.int64)
     first = np.full(len(uniques), -1, dtype=np.int64)
     first[codes[::-1]] = np.arange(n)[::-1]  # first row of each code
-    names = [b[s:s + k].tobytes() for s, k in zip(start[first].tolist(), length[first].tolist())]
+    names = [b[s : s + k].tobytes() for s, k in zip(start[first].tolist(), length[first].tolist())]
     rep_start, rep_len = start[first][codes], length[first][codes]
     same = rep_len == length
     for w in range(words):
         same &= ((u64(start + 8 * w) ^ u64(rep_start + 8 * w)) & masks[w]) == 0
     if not same.all():  # pragma: no cover - a 64-bit hash collision; exact fallback
-        raw = [b[s:s + k].tobytes() for s, k in zip(start.tolist(), length.tolist())]
+        raw = [b[s : s + k].tobytes() for s, k in zip(start.tolist(), length.tolist())]
         codes, uniq = pd.factorize(pd.Series(raw, dtype=object))
         codes, names = np.asarray(codes, dtype=np.int64), list(uniq)
     return codes, names
@@ -124,8 +141,9 @@ def _tail_masks(k: int) -> np.ndarray:
     return np.ascontiguousarray(keep).view("<u8")
 
 
-def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray,
-               words: np.ndarray | None = None) -> tuple[np.ndarray, list[bytes]]:
+def _tag_codes(
+    b: np.ndarray, start: np.ndarray, length: np.ndarray, words: np.ndarray | None = None
+) -> tuple[np.ndarray, list[bytes]]:
     """Factorize the tag byte strings ``b[start:start+length]`` (no Python object per row).
 
     ``words``: the tags right-aligned in (rows, k) 8-byte words, zero before each tag (else they are
@@ -153,7 +171,7 @@ def _tag_codes(b: np.ndarray, start: np.ndarray, length: np.ndarray,
     first[codes[::-1]] = np.arange(n)[::-1]  # first row of each code
     if not ((words == words[first][codes]).all() and (length == length[first][codes]).all()):
         return _tag_codes_long(b, start, length)  # pragma: no cover - a 64-bit hash collision
-    names = [b[s:s + m].tobytes() for s, m in zip(start[first].tolist(), length[first].tolist())]
+    names = [b[s : s + m].tobytes() for s, m in zip(start[first].tolist(), length[first].tolist())]
     return codes, names
 
 
@@ -165,7 +183,7 @@ _SIX_BYTES = np.uint64(0xFFFF_FFFF_FFFF)
 _DECODE_ROWS = 1 << 15  # records per chunk: the decode's temporaries stay in the CPU cache
 
 
-def _decode_chunk(b: np.ndarray, d: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, ...]:
+def _decode_chunk(b: np.ndarray, d: np.ndarray, length: np.ndarray) -> tuple[Any, ...]:
     """:func:`decode_fast` on some records. Returns, for the ones of the scalar shape: (their index,
     step, value, wall time, tag start, tag length, tags right-aligned in k zero-filled words or None)."""
     n = len(b)
@@ -188,7 +206,9 @@ def _decode_chunk(b: np.ndarray, d: np.ndarray, length: np.ndarray) -> tuple[np.
     ok &= (lt >= 0) & (lt + 9 < 0x80)
     lt[~ok] = 0
     ltu = lt.astype(np.uint64)
-    mid = _MID | ((ltu + np.uint64(9)) << np.uint64(8)) | ((ltu + np.uint64(7)) << np.uint64(24)) | (ltu << np.uint64(40))
+    mid = (
+        _MID | ((ltu + np.uint64(9)) << np.uint64(8)) | ((ltu + np.uint64(7)) << np.uint64(24)) | (ltu << np.uint64(40))
+    )
     ok &= (_view(b, "<u8")[np.minimum(p, n - 8)] & _SIX_BYTES) == mid
     rows = np.flatnonzero(ok)
     lt, e = lt[rows], e[rows]
@@ -199,7 +219,7 @@ def _decode_chunk(b: np.ndarray, d: np.ndarray, length: np.ndarray) -> tuple[np.
         mat = gather(b, np.maximum(at, 0), 8 * k + 5)
         good = (mat[:, 8 * k] == 0x15) & (at >= 0)  # (a scalar event in the first bytes: never, after file_version)
         value = np.ndarray(shape=(len(rows),), dtype="<f4", buffer=mat, offset=8 * k + 1, strides=(8 * k + 5,))
-        words = mat[:, :8 * k].view("<u8") & _tail_masks(k)[lt]
+        words = mat[:, : 8 * k].view("<u8") & _tail_masks(k)[lt]
         if not good.all():
             rows, lt, e, value, words = rows[good], lt[good], e[good], value[good], words[good]
     else:
@@ -218,8 +238,10 @@ def decode_fast(buf: bytes, data_start: np.ndarray, length: np.ndarray) -> tuple
     indices of the other records).
     """
     b = np.frombuffer(buf, dtype=np.uint8)
-    parts = [_decode_chunk(b, data_start[i:i + _DECODE_ROWS], length[i:i + _DECODE_ROWS])
-             for i in range(0, len(data_start), _DECODE_ROWS)]
+    parts = [
+        _decode_chunk(b, data_start[i : i + _DECODE_ROWS], length[i : i + _DECODE_ROWS])
+        for i in range(0, len(data_start), _DECODE_ROWS)
+    ]
     if not parts:
         parts = [_decode_chunk(b, data_start, length)]
     for i, part in zip(range(0, len(data_start), _DECODE_ROWS), parts):
@@ -233,6 +255,12 @@ def decode_fast(buf: bytes, data_start: np.ndarray, length: np.ndarray) -> tuple
         codes, names = _tag_codes(b, start, lt)
     ok = np.zeros(len(data_start), dtype=bool)
     ok[rows] = True
-    cols = {"record": rows, "code": codes, "names": [t.decode("utf-8", errors="replace") for t in names],
-            "step": step, "value": value, "wall_time": wall}
+    cols = {
+        "record": rows,
+        "code": codes,
+        "names": [t.decode("utf-8", errors="replace") for t in names],
+        "step": step,
+        "value": value,
+        "wall_time": wall,
+    }
     return cols, np.flatnonzero(~ok)

@@ -115,7 +115,7 @@ def gather(b: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
     if len(over):  # rows running past the end (the last few records): from a zero-padded copy of the tail
         base = max(min(int(pos[over].min()), n), 0)
         tail = np.zeros(n - base + width, dtype=np.uint8)
-        tail[:n - base] = b[base:]
+        tail[: n - base] = b[base:]
         out[over] = gather(tail, np.minimum(pos[over], n) - base, width)
     return out
 
@@ -161,14 +161,14 @@ def _crc_words(b: np.ndarray, start: np.ndarray, n: int, stored: np.ndarray | No
     acc = np.empty(len(start), dtype=np.uint32)
     tmp = np.empty(min(len(start), _CRC_ROWS), dtype=np.uint32)
     for i in range(0, len(start), _CRC_ROWS):  # in chunks: the matrix and its transpose stay in cache
-        rows = gather(b, start[i:i + _CRC_ROWS] - pad, width + extra)
+        rows = gather(b, start[i : i + _CRC_ROWS] - pad, width + extra)
         m = len(rows)
         if stored is not None:
-            stored[i:i + m] = np.ndarray(shape=(m,), dtype="<u4", buffer=rows, offset=width, strides=(width + extra,))
+            stored[i : i + m] = np.ndarray(shape=(m,), dtype="<u4", buffer=rows, offset=width, strides=(width + extra,))
         if pad:
             rows[:, 0] = 0
         cols = np.ascontiguousarray(rows[:, :width].view("<u2").T)  # (words, ranges): lookups read contiguously
-        part, t = acc[i:i + m], tmp[:m]
+        part, t = acc[i : i + m], tmp[:m]
         part[:] = c[n]
         for w in range(k):
             np.take(tables[k - 1 - w], cols[w], out=t)
@@ -176,8 +176,9 @@ def _crc_words(b: np.ndarray, start: np.ndarray, n: int, stored: np.ndarray | No
     return acc
 
 
-def _crc_ranges(b: np.ndarray, start: np.ndarray, length: np.ndarray, buf: bytes | None,
-                stored: np.ndarray | None = None) -> np.ndarray:
+def _crc_ranges(
+    b: np.ndarray, start: np.ndarray, length: np.ndarray, buf: bytes | None, stored: np.ndarray | None = None
+) -> np.ndarray:
     """:func:`crc32c_many`, and with ``stored`` the u32 after each range read into it."""
     from autopsy._optional import available
 
@@ -206,8 +207,11 @@ def _crc_ranges(b: np.ndarray, start: np.ndarray, length: np.ndarray, buf: bytes
 
         src = buf if buf is not None else b.tobytes()
         value = google_crc32c.value
-        out[idx] = np.fromiter((value(src[s:s + n]) for s, n in zip(start[idx].tolist(), length[idx].tolist())),
-                               dtype=np.uint32, count=len(idx))
+        out[idx] = np.fromiter(
+            (value(src[s : s + n]) for s, n in zip(start[idx].tolist(), length[idx].tolist())),
+            dtype=np.uint32,
+            count=len(idx),
+        )
     else:
         for grp in rest:
             out[grp] = _crc_group(b, start[grp], int(length[grp[0]])) if len(grp) else 0
@@ -221,8 +225,9 @@ def crc32c_many(b: np.ndarray, start: np.ndarray, length: np.ndarray, *, buf: by
     Python per range). The rest: ``google_crc32c`` (C, in the tensorboard extra) one call per range,
     or numpy byte tables without it.
     """
-    return _crc_ranges(np.asarray(b, dtype=np.uint8), np.asarray(start, dtype=np.int64),
-                       np.asarray(length, dtype=np.int64), buf)
+    return _crc_ranges(
+        np.asarray(b, dtype=np.uint8), np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64), buf
+    )
 
 
 def _length_crc(b: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -255,7 +260,7 @@ def _boundaries_walk(buf: bytes, pos: int = 0) -> tuple[list[int], int]:
         if length > _MAX_RECORD:
             add(pos)  # a broken length: its CRC check below reports it
             return offsets, pos
-        if length == 0 and buf[pos + 8:pos + 12] != zero_crc:
+        if length == 0 and buf[pos + 8 : pos + 12] != zero_crc:
             # zero-filled space (a preallocated or wiped file): no real record has length 0 with a bad
             # CRC; stop here instead of framing millions of 16-byte "records"
             add(pos)
@@ -296,12 +301,12 @@ def _header_runs(b: np.ndarray) -> np.ndarray:
     out = []
     for s in range(0, last + 1, _CHUNK):
         m = min(_CHUNK, last + 1 - s)
-        z, r, t = zero[:m + 9], run[:m], tmp[:m]
-        np.equal(b[s:s + m + 9], 0, out=z)
-        np.logical_and(z[4:m + 4], z[5:m + 5], out=r)
-        r &= z[6:m + 6]
-        r &= z[7:m + 7]
-        np.logical_not(z[8:m + 8], out=t)
+        z, r, t = zero[: m + 9], run[:m], tmp[:m]
+        np.equal(b[s : s + m + 9], 0, out=z)
+        np.logical_and(z[4 : m + 4], z[5 : m + 5], out=r)
+        r &= z[6 : m + 6]
+        r &= z[7 : m + 7]
+        np.logical_not(z[8 : m + 8], out=t)
         r &= t
         hits = np.flatnonzero(r)
         hits += s
@@ -428,8 +433,13 @@ def scan(buf: bytes) -> Records:
     data_ok = masked_crc(_crc_ranges(b, data_start, length, buf, stored)) == stored
     if not data_ok.all():
         bad = np.flatnonzero(~data_ok)
-        problems.insert(0, Problem(int(starts[bad[0]]),
-                                   f"data CRC mismatch in {len(bad)} record(s) (first at offset {int(starts[bad[0]])}): skipped",
-                                   records_lost=len(bad)))
+        problems.insert(
+            0,
+            Problem(
+                int(starts[bad[0]]),
+                f"data CRC mismatch in {len(bad)} record(s) (first at offset {int(starts[bad[0]])}): skipped",
+                records_lost=len(bad),
+            ),
+        )
         data_start, length = data_start[data_ok], length[data_ok]
     return Records(buf, data_start, length, keep, problems)

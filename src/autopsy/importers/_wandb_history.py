@@ -80,8 +80,16 @@ def key_of(item: Any) -> str:
 # --- history -> frame ------------------------------------------------------------------------
 
 
-def history_frame(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, *, run: str, source: str,
-                   info: RunInfo, fallback_step: np.ndarray | None = None) -> pd.DataFrame:
+def history_frame(
+    rows: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    run: str,
+    source: str,
+    info: RunInfo,
+    fallback_step: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Long history cells (row number, key, float value) -> canonical frame, with the step axis chosen
     per row (see the module doc)."""
     if len(rows) == 0:
@@ -107,13 +115,17 @@ def history_frame(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, *, run
         step = pd.Series(step).ffill().to_numpy()
         if np.isnan(step).any():
             step = np.where(np.isnan(step), 0.0, step)
-        info.notes.append(f"{int(missing.sum())} W&B history row(s) had no {step_key}: they took the previous row's step")
+        info.notes.append(
+            f"{int(missing.sum())} W&B history row(s) had no {step_key}: they took the previous row's step"
+        )
     if step_key == "row number":
         info.notes.append("W&B history has no step column: rows are numbered in order")
     wall = np.full(n_rows, np.nan)
     sel = keys == "_timestamp"
     wall[rows[sel]] = values[sel]
-    metric_sel = ~np.isin(keys, list(_META_KEYS) + [step_key]) & ~pd.Series(keys).str.startswith("_").to_numpy(dtype=bool)
+    metric_sel = ~np.isin(keys, list(_META_KEYS) + [step_key]) & ~pd.Series(keys).str.startswith("_").to_numpy(
+        dtype=bool
+    )
     if step_key != "_step":
         metric_sel &= ~np.isin(keys, STEP_KEYS)
     r = rows[metric_sel]
@@ -132,7 +144,9 @@ def history_frame(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, *, run
     return frame
 
 
-def cells_from_objects(rows: np.ndarray, keys: np.ndarray, objs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cells_from_objects(
+    rows: np.ndarray, keys: np.ndarray, objs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Present history cells with Python values -> numeric cells. Numbers are kept (NaN/inf
     included), ``"NaN"``/``"Infinity"`` strings become numbers, everything else (booleans, text,
     ``None``, media dicts) is not a metric and is dropped."""
@@ -157,16 +171,26 @@ def cells_from_dicts(dicts: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarra
     if not cells:
         return np.empty(0, np.int64), np.empty(0, object), np.empty(0, np.float64)
     rows, keys, objs = zip(*cells)
-    return cells_from_objects(np.asarray(rows, dtype=np.int64), np.asarray(keys, dtype=object),
-                               np.asarray(objs + (None,), dtype=object)[:-1])
+    return cells_from_objects(
+        np.asarray(rows, dtype=np.int64), np.asarray(keys, dtype=object), np.asarray(objs + (None,), dtype=object)[:-1]
+    )
 
 
 def cells_from_text(wide: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A wide table of text cells (a CSV export) -> numeric cells; empty cells were not logged."""
-    long = wide.reset_index(drop=True).rename_axis("row").reset_index().melt(id_vars="row", var_name="key", value_name="text")
+    long = (
+        wide.reset_index(drop=True)
+        .rename_axis("row")
+        .reset_index()
+        .melt(id_vars="row", var_name="key", value_name="text")
+    )
     long = long[long["text"].notna() & (long["text"] != "")]
     values, keep = parse_values(long["text"].to_numpy(dtype=object))
-    return (long["row"].to_numpy(dtype=np.int64)[keep], long["key"].astype(str).to_numpy(dtype=object)[keep], values[keep])
+    return (
+        long["row"].to_numpy(dtype=np.int64)[keep],
+        long["key"].astype(str).to_numpy(dtype=object)[keep],
+        values[keep],
+    )
 
 
 def cells_from_parquet(path: Path, batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -179,8 +203,14 @@ def cells_from_parquet(path: Path, batch_rows: int = 65_536) -> tuple[np.ndarray
     rows_l, keys_l, vals_l = [], [], []
     with pq.ParquetFile(path) as pf:
         schema = pf.schema_arrow
-        wanted = [f.name for f in schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
-                  or pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]  # not media, tables, histograms
+        wanted = [
+            f.name
+            for f in schema
+            if pa.types.is_floating(f.type)
+            or pa.types.is_integer(f.type)
+            or pa.types.is_string(f.type)
+            or pa.types.is_large_string(f.type)
+        ]  # not media, tables, histograms
         offset = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
             idx = np.arange(offset, offset + batch.num_rows, dtype=np.int64)

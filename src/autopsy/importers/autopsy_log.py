@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from autopsy.frame import make_frame
-from autopsy.importers import Imported, ReadOptions
+from autopsy.importers._base import Imported, ReadOptions
 from autopsy.recording import is_losses_log
 from autopsy.runinfo import Damage, RunInfo
 
@@ -33,6 +33,8 @@ def claims(path: Path) -> int:
 def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
     """``<output_dir>/autopsy/losses.jsonl`` belongs to ``<output_dir>``."""
     return {f: f.parent.parent for f in files}
+
+
 MAX_BYTES = 1 << 30
 
 
@@ -62,7 +64,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
                 continue
             data = path.read_bytes()
         except OSError as exc:
-            info.damage.append(Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
+            )
             continue
         offset = 0
         for line in data.split(b"\n"):
@@ -72,8 +76,14 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             try:
                 rec = json.loads(line)
             except (ValueError, RecursionError):
-                info.damage.append(Damage(file=str(path), offset=start, problem="a line is not JSON (cut off mid-write?)",
-                                          salvaged=f"{len(steps)} step(s) before it"))
+                info.damage.append(
+                    Damage(
+                        file=str(path),
+                        offset=start,
+                        problem="a line is not JSON (cut off mid-write?)",
+                        salvaged=f"{len(steps)} step(s) before it",
+                    )
+                )
                 continue
             if not isinstance(rec, dict):
                 continue
@@ -82,6 +92,12 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
                 continue
             steps.append(int(step))
             values.append(loss)
-    frame = make_frame(run=run, source=SOURCE, metric="train/loss", step=np.asarray(steps, dtype=np.int64),
-                       value=np.asarray(values, dtype=np.float64), raw_metric="loss")
+    frame = make_frame(
+        run=run,
+        source=SOURCE,
+        metric="train/loss",
+        step=np.asarray(steps, dtype=np.int64),
+        value=np.asarray(values, dtype=np.float64),
+        raw_metric="loss",
+    )
     return Imported.one(frame, info)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from autopsy.errors import UnreadableError
 from autopsy.frame import concat_frames, empty_frame, make_frame
-from autopsy.importers import Imported, ReadOptions
+from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, find_crash, parse_console
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Crash, Damage, LogStats, RunInfo
@@ -52,10 +52,24 @@ def claims(path: Path) -> int:
 def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
     """A log standing alone is a run of its own: its root is the file itself."""
     return {f: f for f in files}
+
+
 MAX_BYTES = 1 << 30  # a console log over 1 GiB is read from its last GiB (the end is where crashes are)
 # a loss under another name, when the log has no plain "loss": most specific first
-_LOSS_FALLBACK = ("total_loss", "total-loss", "losses", "loss_total", "loss_net", "closs", "lm_loss", "lm-loss",
-                  "reduced_train_loss", "train_loss_epoch", "loss_sum", "objective")
+_LOSS_FALLBACK = (
+    "total_loss",
+    "total-loss",
+    "losses",
+    "loss_total",
+    "loss_net",
+    "closs",
+    "lm_loss",
+    "lm-loss",
+    "reduced_train_loss",
+    "train_loss_epoch",
+    "loss_sum",
+    "objective",
+)
 _GRAD_FALLBACK = ("norm", "grad_norm_avg", "total_grad_norm")
 _BAR_DISTANCE = 3  # lines between an HF dict and its progress bar (a blank line each side in LLaMA-Factory logs)
 _CONFIG_PRIVATE = ("_epochs_planned", "_steps_per_epoch")
@@ -134,13 +148,17 @@ def _resolve_steps(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
     tq_lines = [ln for ln, _, _ in bars]
     for r in range(n):
         src = None
-        if p.step[r] is not None:
-            steps[r], src = p.step[r], "the step printed on each line"
-        elif p.epoch[r] is not None:
-            e, i, tot = p.epoch[r]  # type: ignore[misc]
-            steps[r], src = (e - base) * tot + i, f"epoch x iterations-per-epoch + iteration (epochs counted from {base})"
-        elif p.counter[r] is not None:
-            steps[r], src = p.counter[r][0], "the iteration counter on each line"  # type: ignore[index]
+        step, epoch, counter, keras = p.step[r], p.epoch[r], p.counter[r], p.keras_epoch[r]
+        if step is not None:
+            steps[r], src = step, "the step printed on each line"
+        elif epoch is not None:
+            e, i, tot = epoch
+            steps[r], src = (
+                (e - base) * tot + i,
+                f"epoch x iterations-per-epoch + iteration (epochs counted from {base})",
+            )
+        elif counter is not None:
+            steps[r], src = counter[0], "the iteration counter on each line"
         elif p.kind[r] == "dict" and bars:
             # the training bar is printed right beside each dict (before it, or re-printed after the first);
             # a bar further away is another bar (loading weights, evaluation)
@@ -151,8 +169,8 @@ def _resolve_steps(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
                 steps[r] = bars[k][1]
             if steps[r] >= 0:
                 src = "the progress bar's step printed beside each HF log dict"
-        elif p.keras_epoch[r] is not None:
-            steps[r], src = p.keras_epoch[r], "the epoch number (Keras 'Epoch e/E' headers): one point per epoch"
+        elif keras is not None:
+            steps[r], src = keras, "the epoch number (Keras 'Epoch e/E' headers): one point per epoch"
         if src:
             how[src] = how.get(src, 0) + 1
     missing = steps < 0
@@ -250,8 +268,9 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     rename = _fallback_names(set(rows_metric))
     if rename:
         rows_metric = [rename.get(m, m) for m in rows_metric]
-        info.notes.append(f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items())
-                          + " (the log has no plain one)")
+        info.notes.append(
+            f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items()) + " (the log has no plain one)"
+        )
 
     # fp16 loss-scale messages: each is a skipped step with the new scale
     if p.overflow:
@@ -272,8 +291,11 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
             rows_step += [s, s]
             rows_value += [scale, 1.0]
 
-    frame = make_frame(run=run, source=SOURCE, metric=rows_metric, step=rows_step, value=rows_value,
-                       raw_metric=rows_raw) if rows_metric else empty_frame()
+    frame = (
+        make_frame(run=run, source=SOURCE, metric=rows_metric, step=rows_step, value=rows_value, raw_metric=rows_raw)
+        if rows_metric
+        else empty_frame()
+    )
 
     # the end of the log: a crash after the last metric line
     lines = text.splitlines()
@@ -287,8 +309,14 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     info.loss_scale_at_minimum = p.scale_floor_line is not None
     info.summary.update({k: v for k, v in p.summary.items() if k.startswith("train_") or k in ("total_flos",)})
     info.finished = True if p.finished else (False if p.has_banner else None)
-    stats = LogStats(file=file, lines=p.n_lines, records=len(p.line), step_axis=how, printed_start=p.has_banner,
-                     overflow_messages=len(p.overflow))
+    stats = LogStats(
+        file=file,
+        lines=p.n_lines,
+        records=len(p.line),
+        step_axis=how,
+        printed_start=p.has_banner,
+        overflow_messages=len(p.overflow),
+    )
     info.logs.append(stats)
     if p.line:
         info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
@@ -298,8 +326,10 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
         info.notes.append(f"{file}: no metric lines; the log ends in a crash ({crash['kind']})")
     elif not p.overflow:
         info.unread_logs.append(stats)
-        info.notes.append(f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
-                          "'key: value' / 'key=value' loggers, progress bars, loss-scale messages")
+        info.notes.append(
+            f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
+            "'key: value' / 'key=value' loggers, progress bars, loss-scale messages"
+        )
     return Imported.one(frame, info)
 
 
@@ -314,8 +344,14 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             with open(path, "rb") as fh:
                 if size > MAX_BYTES:
                     fh.seek(size - MAX_BYTES)
-                    damage.append(Damage(file=str(path), offset=0, problem=f"log of {size} bytes is over the "
-                                         f"{MAX_BYTES}-byte limit", salvaged="its last GiB"))
+                    damage.append(
+                        Damage(
+                            file=str(path),
+                            offset=0,
+                            problem=f"log of {size} bytes is over the {MAX_BYTES}-byte limit",
+                            salvaged="its last GiB",
+                        )
+                    )
                 text, notes = _read_text(fh, str(path))
         except OSError as exc:
             raise UnreadableError(f"{path}: cannot read ({exc.strerror or exc})") from None

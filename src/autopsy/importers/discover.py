@@ -153,7 +153,9 @@ def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
         if hasattr(module, "finalize"):
             module.finalize(runs)
     if not runs:
-        raise InputError(f"nothing autopsy can read under {p}: no trainer_state.json, TensorBoard event file, W&B run or log")
+        raise InputError(
+            f"nothing autopsy can read under {p}: no trainer_state.json, TensorBoard event file, W&B run or log"
+        )
     out = sorted(runs.values(), key=lambda r: str(r.root))
     _name_runs(out, base)
     return out

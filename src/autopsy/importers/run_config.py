@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autopsy.frame import empty_frame
-from autopsy.importers import Imported, ReadOptions
+from autopsy.importers._base import Imported, ReadOptions
 from autopsy.runinfo import RunInfo
 
 __all__ = ["ADAPTER_KEYS", "ATTACH", "KIND", "MODEL_KEYS", "PRIORITY", "claims", "model_summary", "read"]
@@ -21,10 +21,32 @@ __all__ = ["ADAPTER_KEYS", "ATTACH", "KIND", "MODEL_KEYS", "PRIORITY", "claims",
 KIND = "run_config"
 PRIORITY = 90  # no series: never competes with a metric source
 ATTACH = "nearest_only"
-MODEL_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype",
-              "tie_word_embeddings", "num_labels", "id2label", "_name_or_path")
-ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path", "task_type")
+MODEL_KEYS = (
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "torch_dtype",
+    "dtype",
+    "tie_word_embeddings",
+    "num_labels",
+    "id2label",
+    "_name_or_path",
+)
+ADAPTER_KEYS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "base_model_name_or_path",
+    "task_type",
+)
 _NAMES = ("training_args.bin", "config.json", "adapter_config.json")
 _MAX_JSON = 4 << 20
 

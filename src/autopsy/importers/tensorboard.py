@@ -32,7 +32,7 @@ from autopsy._optional import require
 from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import UsageError
 from autopsy.frame import make_frame
-from autopsy.importers import ENGINES, Imported, ReadOptions
+from autopsy.importers._base import ENGINES, Imported, ReadOptions
 from autopsy.importers._tb_fast import decode_fast
 from autopsy.importers.run_config import model_summary
 from autopsy.metrics import canonical_metric
@@ -44,9 +44,13 @@ KIND = SOURCE = "tensorboard"
 PRIORITY = 0  # HF's TensorBoardCallback sees every logged step, with wall times
 _HPARAMS_DIR = re.compile(r"^\d{9,11}\.\d+$")  # HF's old add_hparams: <run dir>/<time.time()>/events...
 # HF Trainer's final summary entry, logged once at the last step: run totals, not series
-_SUMMARY_TAGS = {"train/train_runtime": "train_runtime", "train/train_samples_per_second": "train_samples_per_second",
-                 "train/train_steps_per_second": "train_steps_per_second", "train/total_flos": "total_flos",
-                 "train/train_loss": "train_loss"}
+_SUMMARY_TAGS = {
+    "train/train_runtime": "train_runtime",
+    "train/train_samples_per_second": "train_samples_per_second",
+    "train/train_steps_per_second": "train_steps_per_second",
+    "train/total_flos": "total_flos",
+    "train/train_loss": "train_loss",
+}
 _ARGS_TAGS = ("args/text_summary", "args")
 _MODEL_TAGS = ("model_config/text_summary", "model_config")
 _NAME = re.compile(r"tfevents\.(?P<ts>\d+)(?:\.(?P<rest>.*?))?(?:\.(?P<idx>\d+))?(?:\.v2)?$")
@@ -81,8 +85,21 @@ class EventFile:
         self.tag_names = [str(u) for u in uniq]
 
 
-_DT = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 14: "bf16", 17: "<u2",
-       19: "<f2", 22: "<u4", 23: "<u8"}
+_DT = {
+    1: "<f4",
+    2: "<f8",
+    3: "<i4",
+    4: "u1",
+    5: "<i2",
+    6: "i1",
+    9: "<i8",
+    10: "?",
+    14: "bf16",
+    17: "<u2",
+    19: "<f2",
+    22: "<u4",
+    23: "<u8",
+}
 
 
 def _tensor_scalar(t: Any) -> float | None:
@@ -119,7 +136,7 @@ def _hparams(content: bytes) -> dict[str, Any]:
         from tensorboard.plugins.hparams import plugin_data_pb2
 
         data = plugin_data_pb2.HParamsPluginData.FromString(content)
-    except Exception:  # noqa: BLE001 - a damaged plugin payload is skipped, not fatal
+    except Exception:
         return {}
     if not data.HasField("session_start_info"):
         return {}
@@ -136,8 +153,9 @@ def _hparams(content: bytes) -> dict[str, Any]:
     return out
 
 
-def _decode_protobuf(ef: EventFile, buf: bytes, data_start: np.ndarray, length: np.ndarray,
-                     records: np.ndarray) -> dict[str, list]:
+def _decode_protobuf(
+    ef: EventFile, buf: bytes, data_start: np.ndarray, length: np.ndarray, records: np.ndarray
+) -> dict[str, list]:
     """Decode the records the fast path left with tensorboard's protobuf."""
     event_pb2 = require("tensorboard.compat.proto.event_pb2", purpose="read TensorBoard event files")
     parse = event_pb2.Event.FromString
@@ -145,8 +163,8 @@ def _decode_protobuf(ef: EventFile, buf: bytes, data_start: np.ndarray, length: 
     for i in records.tolist():
         s = int(data_start[i])
         try:
-            event = parse(buf[s:s + int(length[i])])
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError: the CRC held, the payload is not an Event
+            event = parse(buf[s : s + int(length[i])])
+        except Exception:
             ef.skipped["undecodable event"] += 1
             continue
         if not event.HasField("summary"):
@@ -209,9 +227,10 @@ def _read_fast(path: Path, buf: bytes) -> EventFile:
     if slow and slow["record"]:
         index = {name: i for i, name in enumerate(names)}
         names = list(names)
-        slow_code = np.fromiter((index.setdefault(t, len(index)) for t in slow["tag"]), dtype=np.int64,
-                                count=len(slow["tag"]))
-        names.extend(list(index)[len(names):])
+        slow_code = np.fromiter(
+            (index.setdefault(t, len(index)) for t in slow["tag"]), dtype=np.int64, count=len(slow["tag"])
+        )
+        names.extend(list(index)[len(names) :])
         record = np.concatenate([fast["record"], np.asarray(slow["record"], dtype=np.int64)])
         order = np.argsort(record, kind="stable")  # write order; values of one event stay in order
         ef.tag_code = np.concatenate([code, slow_code])[order]
@@ -277,7 +296,9 @@ def read_event_file(path: str | Path, *, engine: str = "auto") -> EventFile:
         buf = path.read_bytes()
     except OSError as exc:
         ef = EventFile(path=path)
-        ef.damage.append(Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing"))
+        ef.damage.append(
+            Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
+        )
         return ef
     if not buf:
         ef = EventFile(path=path)
@@ -430,10 +451,12 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
         new = _first_seen(code, len(tags))  # categories in order of first appearance, none unused
         raw_names = [t for t, c in sorted(((t, int(c)) for t, c in zip(tags, new) if c >= 0), key=lambda x: x[1])]
         code = new[code]
-        metric_codes, metric_names = pd.factorize(np.array([canonical_metric(t) for t in raw_names] + [""],
-                                                           dtype=object)[:-1])
-        metric = pd.Categorical.from_codes(np.asarray(metric_codes, dtype=np.int64)[code],
-                                           categories=_text_index([str(m) for m in metric_names]))
+        metric_codes, metric_names = pd.factorize(
+            np.array([canonical_metric(t) for t in raw_names] + [""], dtype=object)[:-1]
+        )
+        metric = pd.Categorical.from_codes(
+            np.asarray(metric_codes, dtype=np.int64)[code], categories=_text_index([str(m) for m in metric_names])
+        )
         raw = pd.Categorical.from_codes(code, categories=_text_index(raw_names))
     else:
         metric, raw = [], np.empty(0, dtype=object)

@@ -24,7 +24,7 @@ import pandas as pd
 from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import UnreadableError
 from autopsy.frame import make_frame
-from autopsy.importers import Imported, ReadOptions
+from autopsy.importers._base import Imported, ReadOptions
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Damage, RunInfo
 
@@ -56,15 +56,17 @@ def _salvage(text: str) -> tuple[dict[str, Any], int]:
     decoder = json.JSONDecoder(parse_constant=_constant)
     state: dict[str, Any] = {}
     # top-level scalar fields written before log_history (HF writes keys in a fixed order)
-    for m in re.finditer(r'"(\w+)"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null|true|false|"[^"\n]*")\s*[,}\n]', text[:4096]):
+    for m in re.finditer(
+        r'"(\w+)"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null|true|false|"[^"\n]*")\s*[,}\n]', text[:4096]
+    ):
         try:
             state.setdefault(m.group(1), json.loads(m.group(2)))
         except ValueError:
             pass
-    m = re.search(r'"log_history"\s*:\s*\[', text)
-    if not m:
+    found = re.search(r'"log_history"\s*:\s*\[', text)
+    if not found:
         return state, 0
-    pos = m.end()
+    pos = found.end()
     history: list[Any] = []
     n = len(text)
     while pos < n:
@@ -103,16 +105,23 @@ def parse_trainer_state(data: bytes, *, file: str = "trainer_state.json") -> tup
         state = json.loads(text, parse_constant=_constant)
     except RecursionError:
         raise UnreadableError(f"{file}: JSON nested too deeply to be a trainer_state.json") from None
-    except ValueError as exc:
+    except ValueError as err:
+        exc = err if isinstance(err, json.JSONDecodeError) else json.JSONDecodeError(str(err), text, 0)
         try:
             state, offset = _salvage(text)
         except RecursionError:
             raise UnreadableError(f"{file}: JSON nested too deeply to be a trainer_state.json") from None
         if not state.get("log_history"):
-            raise UnreadableError(f"{file}: not valid JSON ({exc.msg} at offset {exc.pos}) and no log entry could be salvaged") from None
+            raise UnreadableError(
+                f"{file}: not valid JSON ({exc.msg} at offset {exc.pos}) and no log entry could be salvaged"
+            ) from None
         entries = len(state["log_history"])
-        return state, Damage(file=file, offset=offset, problem=f"invalid JSON ({exc.msg}) at offset {exc.pos}",
-                             salvaged=f"{entries} log_history entries before the damage")
+        return state, Damage(
+            file=file,
+            offset=offset,
+            problem=f"invalid JSON ({exc.msg}) at offset {exc.pos}",
+            salvaged=f"{entries} log_history entries before the damage",
+        )
     if not isinstance(state, dict):
         raise UnreadableError(f"{file}: expected a JSON object, found {type(state).__name__}")
     return state, None
@@ -140,7 +149,9 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
                 summary[key] = _as_number(last[key].iloc[0])
         wide = wide.drop(columns=[c for c in _SUMMARY_KEYS if c in wide.columns])
     # entries without a step take the previous entry's step (HF always writes one; hand-made files may not)
-    step = pd.to_numeric(wide["step"], errors="coerce") if "step" in wide.columns else pd.Series(np.nan, index=wide.index)
+    step = (
+        pd.to_numeric(wide["step"], errors="coerce") if "step" in wide.columns else pd.Series(np.nan, index=wide.index)
+    )
     step = step.where(np.isfinite(step.to_numpy(dtype=float)))
     # a step that is not a whole number in [0, 2**53) is not a global step: drop the entry (a single
     # negative step would otherwise read as a resume that supersedes the whole history before it)
@@ -177,8 +188,14 @@ def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFram
         orders.append(order[keep])
     if not raws:
         return empty, summary, missing, invalid
-    long = pd.DataFrame({"raw": np.concatenate(raws), "step": np.concatenate(steps), "value": np.concatenate(values),
-                         "order": np.concatenate(orders)})
+    long = pd.DataFrame(
+        {
+            "raw": np.concatenate(raws),
+            "step": np.concatenate(steps),
+            "value": np.concatenate(values),
+            "order": np.concatenate(orders),
+        }
+    )
     long["rank"] = rank
     return long, summary, missing, invalid
 
@@ -209,10 +226,14 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             _sniff(path)
             state, damage = parse_trainer_state(path.read_bytes(), file=str(path))
         except UnreadableError as exc:
-            info.damage.append(Damage(file=str(path), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(path), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing")
+            )
             continue
         except OSError as exc:
-            info.damage.append(Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
+            )
             continue
         if damage is not None:
             info.damage.append(damage)
@@ -227,7 +248,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             info.checkpoints[ck_step] = str(path.parent)
     parsed.sort(key=lambda t: (t[0], t[1]))
     rows = []
-    for rank, (_, is_root, path, state) in enumerate(parsed):
+    for rank, (_, root_rank, path, state) in enumerate(parsed):
         history = state.get("log_history")
         if not isinstance(history, list):
             if history is not None:
@@ -235,13 +256,15 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             history = []
         long, summary, missing, invalid = _history_frame(history, run, rank)
         if invalid:
-            info.notes.append(f"{path}: {invalid} log_history entries dropped: their step is negative, fractional or too large")
+            info.notes.append(
+                f"{path}: {invalid} log_history entries dropped: their step is negative, fractional or too large"
+            )
         if missing:
             info.notes.append(f"{path}: {missing} log_history entries had no step; they took the previous entry's step")
         for key, value in summary.items():
             info.summary[key] = value  # later (higher-ranked) files win
         rows.append(long)
-        _fill_info(info, state, is_root=bool(is_root))
+        _fill_info(info, state, is_root=bool(root_rank))
     # the final summary entry proves the run finished; its absence proves nothing: HF writes a root
     # trainer_state.json only when the script calls save_state(), and a checkpoint's copy is saved mid-run
     info.finished = True if info.summary.get("train_runtime") is not None else None
@@ -270,8 +293,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
 def _last_logged_step(history: Any) -> int | None:
     if not isinstance(history, list):
         return None
-    steps = pd.to_numeric(pd.Series([e.get("step") if isinstance(e, dict) else None for e in history], dtype=object),
-                          errors="coerce").to_numpy(dtype=float)
+    steps = pd.to_numeric(
+        pd.Series([e.get("step") if isinstance(e, dict) else None for e in history], dtype=object), errors="coerce"
+    ).to_numpy(dtype=float)
     steps = steps[np.isfinite(steps) & (steps >= 0) & (steps < _MAX_STEP)]
     return int(steps.max()) if len(steps) else None
 

@@ -71,17 +71,54 @@ _MAX_INT_BITS = 1024  # a longer integer is no config value (and could not be pr
 _MAX_NOTE = 160
 
 # torch dtypes pickle by name (``GLOBAL 'torch bfloat16'``): shown as str(dtype) would show them.
-_DTYPES = frozenset({
-    "bfloat16", "bool", "complex128", "complex32", "complex64", "float16", "float32", "float64", "float4_e2m1fn_x2",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "int16", "int32", "int64",
-    "int8", "qint32", "qint8", "quint2x4", "quint4x2", "quint8", "uint1", "uint16", "uint32", "uint64", "uint8",
-})
-_DTYPE_ALIASES = {"bit": "uint1", "cdouble": "complex128", "cfloat": "complex64", "chalf": "complex32",
-                  "double": "float64", "float": "float32", "half": "float16", "int": "int32", "long": "int64",
-                  "short": "int16"}
+_DTYPES = frozenset(
+    {
+        "bfloat16",
+        "bool",
+        "complex128",
+        "complex32",
+        "complex64",
+        "float16",
+        "float32",
+        "float64",
+        "float4_e2m1fn_x2",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "int16",
+        "int32",
+        "int64",
+        "int8",
+        "qint32",
+        "qint8",
+        "quint2x4",
+        "quint4x2",
+        "quint8",
+        "uint1",
+        "uint16",
+        "uint32",
+        "uint64",
+        "uint8",
+    }
+)
+_DTYPE_ALIASES = {
+    "bit": "uint1",
+    "cdouble": "complex128",
+    "cfloat": "complex64",
+    "chalf": "complex32",
+    "double": "float64",
+    "float": "float32",
+    "half": "float16",
+    "int": "int32",
+    "long": "int64",
+    "short": "int16",
+}
 # Inert value types emulated below (never imported, never called).
-_VALUE_TYPES = frozenset({"torch.device", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
-                          "_codecs.encode"})
+_VALUE_TYPES = frozenset(
+    {"torch.device", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode"}
+)
 _SCALARS = (str, int, float, bool, type(None))
 _KEY_TYPES = (str, int, float, bool, type(None), bytes)  # hashing these cannot recurse
 
@@ -149,18 +186,21 @@ def _read_pickle_bytes(path: Path) -> bytes:
         raise _Unreadable(f"not a torch zip file ({what}): not read")
     try:
         with zipfile.ZipFile(path) as zf:
-            member = next((i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1),
-                          None)
+            member = next(
+                (i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1), None
+            )
             if member is None:
                 raise _Unreadable("a zip file without a <name>/data.pkl record: not a torch file")
             if member.file_size > MAX_PICKLE_BYTES:
-                raise _Unreadable(f"refused: its pickle declares {member.file_size:,} bytes "
-                                  f"(cap {MAX_PICKLE_BYTES:,}; real ones are a few KB)")
+                raise _Unreadable(
+                    f"refused: its pickle declares {member.file_size:,} bytes "
+                    f"(cap {MAX_PICKLE_BYTES:,}; real ones are a few KB)"
+                )
             with zf.open(member) as record:
                 data = record.read(MAX_PICKLE_BYTES + 1)  # inflates at most the cap (+1 byte to see it)
     except _Unreadable:
         raise
-    except Exception as exc:  # noqa: BLE001 - zipfile raises many kinds on a damaged file: report, never crash
+    except Exception as exc:
         raise _Unreadable(f"not a readable torch file ({type(exc).__name__}: {_truncate(exc)})") from None
     if len(data) > MAX_PICKLE_BYTES:
         raise _Unreadable(f"refused: its pickle inflates past {MAX_PICKLE_BYTES:,} bytes")
@@ -245,9 +285,30 @@ def _set_items(target: Any, items: list[Any]) -> None:
 
 
 # Opcodes whose argument is the value to push (int, float, str or bytes).
-_PUSH = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING",
-                   "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-                   "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+_PUSH = frozenset(
+    {
+        "INT",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG",
+        "LONG1",
+        "LONG4",
+        "FLOAT",
+        "BINFLOAT",
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+        "UNICODE",
+        "BINUNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE8",
+        "BINBYTES",
+        "SHORT_BINBYTES",
+        "BINBYTES8",
+        "BYTEARRAY8",
+    }
+)
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 
 
@@ -432,7 +493,7 @@ def read_training_args(path: Path) -> tuple[dict[str, Any], str | None]:
                 top = None
             else:
                 raise
-        except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and more on damage: report
+        except Exception as exc:
             if not refused:
                 raise _Unreadable(f"could not be read safely ({type(exc).__name__}: {_truncate(exc)})") from None
             top = None

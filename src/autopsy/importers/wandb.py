@@ -24,8 +24,16 @@ import pandas as pd
 
 from autopsy._optional import require
 from autopsy.frame import empty_frame, make_frame
-from autopsy.importers import Imported, ReadOptions
-from autopsy.importers._wandb_history import SOURCE, history_frame, json_value, key_of, parse_values, plain_summary, unwrap
+from autopsy.importers._base import Imported, ReadOptions
+from autopsy.importers._wandb_history import (
+    SOURCE,
+    history_frame,
+    json_value,
+    key_of,
+    parse_values,
+    plain_summary,
+    unwrap,
+)
 from autopsy.runinfo import Damage, RunInfo
 
 __all__ = ["KIND", "PRIORITY", "claims", "finalize", "read", "read_wandb_file", "run_roots"]
@@ -50,7 +58,9 @@ def claims(path: Path) -> int:
         return 2
     if name in ("config.yaml", "wandb-summary.json") and parent.name == "files" and RUN_DIR.match(parent.parent.name):
         return 2
-    if name in _INTERNAL_LOGS and (parent.name == "wandb" or (parent.name == "logs" and RUN_DIR.match(parent.parent.name))):
+    if name in _INTERNAL_LOGS and (
+        parent.name == "wandb" or (parent.name == "logs" and RUN_DIR.match(parent.parent.name))
+    ):
         return -1
     return 0
 
@@ -99,7 +109,9 @@ def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
         with open(path, "rb") as fh:
             return _read_wandb_stream(fh, path, size, pb, run=run, info=info)
     except OSError as exc:
-        info.damage.append(Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing"))
+        info.damage.append(
+            Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
+        )
         return empty_frame()
 
 
@@ -163,16 +175,26 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
             has_exit = True
             exit_code = int(rec.exit.exit_code)
     if undecodable:
-        info.notes.append(f"{path}: {undecodable} of {log.n_records} records could not be decoded by this wandb's protobuf; skipped")
+        info.notes.append(
+            f"{path}: {undecodable} of {log.n_records} records could not be decoded by this wandb's protobuf; skipped"
+        )
     if log.problems:
         first = log.problems[0][0]
         problems = "; ".join(f"{p} at offset {o}" for o, p in log.problems[:5])
         more = f" (+{len(log.problems) - 5} more)" if len(log.problems) > 5 else ""
-        info.damage.append(Damage(file=str(path), offset=first, problem=problems + more,
-                                  salvaged=f"{log.n_records} records ({len(h_stepnum)} history rows) read; "
-                                           f"{log.skipped_bytes} bytes skipped"))
+        info.damage.append(
+            Damage(
+                file=str(path),
+                offset=first,
+                problem=problems + more,
+                salvaged=f"{log.n_records} records ({len(h_stepnum)} history rows) read; "
+                f"{log.skipped_bytes} bytes skipped",
+            )
+        )
     if log.padded_tail:
-        info.notes.append(f"{path}: ends in {log.padded_tail} zero bytes of block padding (the writer was stopped mid-block)")
+        info.notes.append(
+            f"{path}: ends in {log.padded_tail} zero bytes of block padding (the writer was stopped mid-block)"
+        )
     for key, value in _decoded(config).items():
         if key != "_wandb":
             info.config.setdefault(key, unwrap(value))
@@ -184,8 +206,9 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
     values, keep = parse_values(np.asarray(h_vals, dtype=object))
     rows = np.asarray(h_rows, dtype=np.int64)[keep]
     keys = np.asarray(h_keys, dtype=object)[keep]
-    return history_frame(rows, keys, values[keep], run=run, source=SOURCE, info=info,
-                          fallback_step=np.asarray(h_stepnum, dtype=np.int64))
+    return history_frame(
+        rows, keys, values[keep], run=run, source=SOURCE, info=info, fallback_step=np.asarray(h_stepnum, dtype=np.int64)
+    )
 
 
 def _apply_updates(target: dict[str, Any], updates: Iterable[Any], removes: Iterable[Any] = ()) -> None:
@@ -208,7 +231,9 @@ def _note_exit(info: RunInfo, path: Path, *, has_exit: bool, exit_code: int | No
             info.notes.append(f"{path.name}: the process exited with code {exit_code} (a crash or an interrupt)")
     else:
         info.finished = False
-        info.notes.append(f"{path.name}: no exit record: the process was killed or crashed before finishing the W&B run")
+        info.notes.append(
+            f"{path.name}: no exit record: the process was killed or crashed before finishing the W&B run"
+        )
 
 
 def _read_run_files(files_dir: Path, info: RunInfo) -> None:
@@ -217,9 +242,20 @@ def _read_run_files(files_dir: Path, info: RunInfo) -> None:
     if cfg_path.is_file():
         yaml = require("yaml", purpose="read W&B config.yaml")
         try:
-            data = yaml.safe_load(cfg_path.read_text(encoding="utf-8", errors="replace")) if cfg_path.stat().st_size < (16 << 20) else None
+            data = (
+                yaml.safe_load(cfg_path.read_text(encoding="utf-8", errors="replace"))
+                if cfg_path.stat().st_size < (16 << 20)
+                else None
+            )
         except (OSError, yaml.YAMLError) as exc:
-            info.damage.append(Damage(file=str(cfg_path), offset=None, problem=f"unreadable YAML: {str(exc).splitlines()[0]}", salvaged="nothing"))
+            info.damage.append(
+                Damage(
+                    file=str(cfg_path),
+                    offset=None,
+                    problem=f"unreadable YAML: {str(exc).splitlines()[0]}",
+                    salvaged="nothing",
+                )
+            )
             data = None
         if isinstance(data, dict):
             for key, value in data.items():
@@ -229,9 +265,15 @@ def _read_run_files(files_dir: Path, info: RunInfo) -> None:
     sum_path = files_dir / "wandb-summary.json"
     if sum_path.is_file():
         try:
-            data = json.loads(sum_path.read_text(encoding="utf-8", errors="replace")) if sum_path.stat().st_size < (16 << 20) else None
+            data = (
+                json.loads(sum_path.read_text(encoding="utf-8", errors="replace"))
+                if sum_path.stat().st_size < (16 << 20)
+                else None
+            )
         except (OSError, ValueError, RecursionError) as exc:
-            info.damage.append(Damage(file=str(sum_path), offset=None, problem=f"unreadable JSON: {exc}", salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(sum_path), offset=None, problem=f"unreadable JSON: {exc}", salvaged="nothing")
+            )
             data = None
         if isinstance(data, dict):
             # the summary file is the final state: it wins over the record log's updates
@@ -262,5 +304,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     frames = [f for f in frames if len(f)]
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else empty_frame())
     if len(frames) > 1:
-        frame = make_frame(**{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")})
+        frame = make_frame(
+            **{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
+        )
     return Imported.one(frame, info)

@@ -41,8 +41,15 @@ def from_api_run(run_obj: Any, *, name: str | None = None, page_size: int = 10_0
     for key, value in config.items():
         if not str(key).startswith("_wandb"):
             info.config.setdefault(str(key), unwrap(value))
-    info.config["wandb"] = {k: v for k, v in {"id": getattr(run_obj, "id", None), "name": getattr(run_obj, "name", None),
-                                              "state": getattr(run_obj, "state", None)}.items() if v}
+    info.config["wandb"] = {
+        k: v
+        for k, v in {
+            "id": getattr(run_obj, "id", None),
+            "name": getattr(run_obj, "name", None),
+            "state": getattr(run_obj, "state", None),
+        }.items()
+        if v
+    }
     info.summary.update(plain_summary({str(k): v for k, v in summary.items()}))
     state = getattr(run_obj, "state", None)
     if state in ("finished",):
@@ -71,6 +78,8 @@ def load_wandb_url(spec: str, *, timeout: int = 20) -> pd.DataFrame:
         api = wandb.Api(timeout=timeout)
         run_obj = api.run(path)
     except Exception as exc:
-        raise UnreadableError(f"W&B API: cannot open run {path}: {first_line(exc)} "
-                              "(check the network and WANDB_API_KEY, or analyse the local wandb/run-* directory)") from None
+        raise UnreadableError(
+            f"W&B API: cannot open run {path}: {first_line(exc)} "
+            "(check the network and WANDB_API_KEY, or analyse the local wandb/run-* directory)"
+        ) from None
     return from_api_run(run_obj, name=path.rsplit("/", 1)[-1])

@@ -18,7 +18,7 @@ import pandas as pd
 
 from autopsy.errors import AutopsyError, first_line
 from autopsy.frame import empty_frame, make_frame
-from autopsy.importers import Imported, ReadOptions
+from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._wandb_history import SOURCE, cells_from_parquet, cells_from_text, history_frame
 from autopsy.runinfo import Damage, RunInfo
 
@@ -48,6 +48,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     runs: dict[str, RunInfo] = {run: RunInfo(name=run, sources=[SOURCE])}
     for path in (Path(p) for p in paths):
         info = runs[run]
+        per_run: dict[str, Any] | None
         try:
             if path.suffix == ".parquet":
                 per_run = {run: cells_from_parquet(path)}
@@ -56,10 +57,14 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
         except AutopsyError:
             raise
         except (OSError, ValueError, pd.errors.ParserError) as exc:
-            info.damage.append(Damage(file=str(path), offset=None, problem=f"unreadable export: {first_line(exc)}", salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(path), offset=None, problem=f"unreadable export: {first_line(exc)}", salvaged="nothing")
+            )
             continue
         except Exception as exc:  # pyarrow.ArrowInvalid and friends
-            info.damage.append(Damage(file=str(path), offset=None, problem=f"unreadable export: {first_line(exc)}", salvaged="nothing"))
+            info.damage.append(
+                Damage(file=str(path), offset=None, problem=f"unreadable export: {first_line(exc)}", salvaged="nothing")
+            )
             continue
         if per_run is None:
             info.notes.append(f"{path.name}: no step column (Step, _step, global_step): not a metrics export; skipped")
@@ -72,7 +77,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     frames = [f for f in frames if len(f)]
     frame = pd.concat(frames, ignore_index=True) if frames else empty_frame()
     if len(frames) > 1:
-        frame = make_frame(**{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")})
+        frame = make_frame(
+            **{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
+        )
     return Imported(frame=frame, runs=runs)
 
 
@@ -137,14 +144,14 @@ class _LineCapped(io.RawIOBase):
                 return
         else:
             self._out += self._cur
-            self._out += data[:first + 1]
+            self._out += data[: first + 1]
             self._cur = bytearray()
         self._lines += 1
         last = data.rfind(b"\n")
         if last > first:  # whole lines inside one block: each shorter than the block, so under the cap
-            self._out += data[first + 1:last + 1]
+            self._out += data[first + 1 : last + 1]
             self._lines += 1  # at least one more (only "the header" vs "a later line" matters)
-        self._cur = bytearray(data[last + 1:])
+        self._cur = bytearray(data[last + 1 :])
         self._cur_at = at + last + 1
 
     def peek_line(self) -> bytes:
@@ -152,7 +159,7 @@ class _LineCapped(io.RawIOBase):
         while b"\n" not in self._out and not self._eof:
             self._fill()
         end = self._out.find(b"\n")
-        return bytes(self._out if end < 0 else self._out[:end + 1])
+        return bytes(self._out if end < 0 else self._out[: end + 1])
 
     def readinto(self, buf: Any) -> int:
         while not self._out and not self._eof:
@@ -179,8 +186,14 @@ def _csv_runs(path: Path, run: str, info: RunInfo) -> dict[str, tuple[np.ndarray
         if stream.header_too_long:
             raise ValueError(f"the first line is over {_CSV_MAX_LINE >> 20} MiB: not a CSV export")
         chunk_rows = max(100, _CSV_CELLS_PER_CHUNK // (header.count(b",") + 1))
-        reader = pd.read_csv(io.BufferedReader(stream, buffer_size=1 << 20), dtype=str, keep_default_na=False,
-                             na_values=[], usecols=lambda c: not _CSV_SUFFIX.search(str(c)), chunksize=chunk_rows)
+        reader = pd.read_csv(
+            io.BufferedReader(stream, buffer_size=1 << 20),
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            usecols=lambda c: not _CSV_SUFFIX.search(str(c)),
+            chunksize=chunk_rows,
+        )
         step_col: str | None = None
         groups: dict[str, dict[str, str]] = {}
         cells: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
@@ -203,9 +216,14 @@ def _csv_runs(path: Path, run: str, info: RunInfo) -> dict[str, tuple[np.ndarray
                     cells.setdefault(run if single else who, []).append((r + offset, k, v))
                 offset += len(text)
     if stream.dropped:
-        info.damage.append(Damage(file=str(path), offset=stream.first_dropped_at,
-                                  problem=f"{stream.dropped} line(s) over {_CSV_MAX_LINE >> 20} MiB (not CSV rows)",
-                                  salvaged=f"{offset} rows read; those lines skipped"))
+        info.damage.append(
+            Damage(
+                file=str(path),
+                offset=stream.first_dropped_at,
+                problem=f"{stream.dropped} line(s) over {_CSV_MAX_LINE >> 20} MiB (not CSV rows)",
+                salvaged=f"{offset} rows read; those lines skipped",
+            )
+        )
     if step_col is None:  # a header and no rows: look at the header alone
         cols = pd.read_csv(io.BytesIO(header), nrows=0, dtype=str).columns
         if not any(c in cols for c in _CSV_STEP):

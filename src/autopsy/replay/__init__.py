@@ -21,13 +21,20 @@ from autopsy.recording import recorded_batches, weights_before
 __all__ = ["replay", "resolve"]
 
 
-def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None = None,
-            from_checkpoint: str | None = None) -> dict[str, Any]:
+def resolve(
+    path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None = None, from_checkpoint: str | None = None
+) -> dict[str, Any]:
     """Find the checkpoint, batch file and step to replay from ``path`` (a checkpoint or a run's output dir)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file or directory: {p}")
-    out: dict[str, Any] = {"checkpoint": None, "batch": Path(batch) if batch else None, "step": None, "notes": [], "restart_from": None}
+    out: dict[str, Any] = {
+        "checkpoint": None,
+        "batch": Path(batch) if batch else None,
+        "step": None,
+        "notes": [],
+        "restart_from": None,
+    }
     is_model = (p / "config.json").is_file() or is_adapter(p)
     recorded = recorded_batches(p) if p.is_dir() else {}
     if out["batch"] is None and recorded:
@@ -36,7 +43,9 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
         if is_model and p.parent.is_dir() and recorded_batches(p.parent):
             out["batch"] = next(iter(recorded_batches(p.parent).values()))
         else:
-            raise InputError(f"{p}: no batch to replay: pass --batch FILE (or train with autopsy.callbacks.AutopsyCallback)")
+            raise InputError(
+                f"{p}: no batch to replay: pass --batch FILE (or train with autopsy.callbacks.AutopsyCallback)"
+            )
     if out["batch"] is not None and not Path(out["batch"]).is_file():
         raise InputError(f"no such batch file: {out['batch']}")
     bad_step = None
@@ -44,7 +53,7 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
         from autopsy.replay.batch import load_batches
 
         bad_step = load_batches(out["batch"]).first_bad_step
-    except Exception:  # noqa: BLE001 - reported when the batch is read for real
+    except Exception:
         pass
     out["step"] = bad_step
     if from_checkpoint:
@@ -74,15 +83,18 @@ def resolve(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | Non
     elif finite_ck:
         out["checkpoint"] = finite_ck[1]
         if bad_step is not None and finite_ck[0] < bad_step - 1:
-            out["notes"].append(f"{finite_ck[1].name} is {bad_step - 1 - finite_ck[0]} steps before the failing step {bad_step}: "
-                                "the batch is replayed on older weights")
+            out["notes"].append(
+                f"{finite_ck[1].name} is {bad_step - 1 - finite_ck[0]} steps before the failing step {bad_step}: "
+                "the batch is replayed on older weights"
+            )
     else:
         raise InputError(f"{p}: no checkpoint with finite weights before step {bad_step}; pass a checkpoint directory")
     return out
 
 
-def _step_report(path: str | os.PathLike[str], from_checkpoint: str, *, batch: Any, base: Any, device: Any,
-                 until: int | None) -> Report:
+def _step_report(
+    path: str | os.PathLike[str], from_checkpoint: str, *, batch: Any, base: Any, device: Any, until: int | None
+) -> Report:
     """``--from checkpoint-N``: step replay (see :mod:`autopsy.replay.step`)."""
     from autopsy.replay.step import step_replay
 
@@ -99,8 +111,15 @@ def _step_report(path: str | os.PathLike[str], from_checkpoint: str, *, batch: A
     return Report(runs=[report], version=__version__)
 
 
-def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None = None, base: str | os.PathLike[str] | None = None,
-           device: Any = None, from_checkpoint: str | None = None, step: int | None = None) -> Report:
+def replay(
+    path: str | os.PathLike[str],
+    *,
+    batch: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    device: Any = None,
+    from_checkpoint: str | None = None,
+    step: int | None = None,
+) -> Report:
     """Replay a checkpoint on a batch: weight scan, batch inspection, then localization. Returns a Report.
 
     With ``from_checkpoint`` (``checkpoint-N`` of the run dir ``path``), a step replay: the recorded steps after
@@ -135,9 +154,17 @@ def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None
     for mb in micro:
         got = inspect_batch(mb, vocab_size=vocab, max_positions=max_pos, step=use_step)
         findings.extend(got)
-        fatal |= any(f.evidence["problem"] in ("token_id_out_of_range", "label_out_of_range", "sequence_too_long") for f in got)
-    config: dict[str, Any] = {"checkpoint": str(ck), "batch": str(where["batch"]), "step": use_step, "device": str(dev),
-                              "adapter": is_adapter(ck), "micro_batches": len(micro)}
+        fatal |= any(
+            f.evidence["problem"] in ("token_id_out_of_range", "label_out_of_range", "sequence_too_long") for f in got
+        )
+    config: dict[str, Any] = {
+        "checkpoint": str(ck),
+        "batch": str(where["batch"]),
+        "step": use_step,
+        "device": str(dev),
+        "adapter": is_adapter(ck),
+        "micro_batches": len(micro),
+    }
     if where["restart_from"]:
         config["restart_from"] = where["restart_from"]
     if fatal:
@@ -158,7 +185,9 @@ def replay(path: str | os.PathLike[str], *, batch: str | os.PathLike[str] | None
         for f in loc:
             if where["restart_from"]:
                 f.evidence["restart_from"] = where["restart_from"]
-    report = RunReport(run=Path(path).name or str(path), path=str(path), sources=["replay"], config=config, findings=findings)
+    report = RunReport(
+        run=Path(path).name or str(path), path=str(path), sources=["replay"], config=config, findings=findings
+    )
     for note in where["notes"]:
         report.skipped.append({"detector": "replay", "reason": note})
     return Report(runs=[report], version=__version__)

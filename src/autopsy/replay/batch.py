@@ -42,8 +42,11 @@ class BatchFile:
     def pick(self, step: int | None = None) -> tuple[int | None, list[dict[str, Any]]]:
         """The micro-batches of ``step`` (default: the first bad step, else the last recorded)."""
         if step is None:
-            step = self.first_bad_step if self.first_bad_step in self.batches else max(
-                (s for s in self.batches if s is not None), default=None)
+            step = (
+                self.first_bad_step
+                if self.first_bad_step in self.batches
+                else max((s for s in self.batches if s is not None), default=None)
+            )
         if step not in self.batches:
             have = ", ".join(str(s) for s in self.batches) or "none"
             raise InputError(f"{self.path}: no batch for step {step} (steps recorded: {have})")
@@ -63,8 +66,10 @@ def load_batches(path: str | os.PathLike[str]) -> BatchFile:
         with st.safe_open(str(p), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise UnreadableError(f"{p}: not a readable safetensors batch file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except Exception as exc:
+        raise UnreadableError(
+            f"{p}: not a readable safetensors batch file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     out = BatchFile(path=str(p), metadata=meta)
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
@@ -85,9 +90,14 @@ def load_batches(path: str | os.PathLike[str]) -> BatchFile:
     return out
 
 
-def save_batches(path: str | os.PathLike[str], batches: dict[int, list[dict[str, Any]]], *,
-                 metadata: dict[str, Any] | None = None, rng: dict[str, Any] | None = None,
-                 step_rng: dict[int, dict[str, Any]] | None = None) -> Path:
+def save_batches(
+    path: str | os.PathLike[str],
+    batches: dict[int, list[dict[str, Any]]],
+    *,
+    metadata: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+    step_rng: dict[int, dict[str, Any]] | None = None,
+) -> Path:
     """Write recorded batches (``{step: [micro-batch, ...]}``) and RNG states to one safetensors file."""
     from safetensors.torch import save_file
 
@@ -100,7 +110,9 @@ def save_batches(path: str | os.PathLike[str], batches: dict[int, list[dict[str,
         tensors[f"rng.{name}"] = t.detach().to("cpu").contiguous()
     for step, states in (step_rng or {}).items():
         for name, t in states.items():
-            tensors[f"rng.step{step}.{name}"] = t.detach().to("cpu").clone()  # own storage: rng.<name> may be the same tensor
+            tensors[f"rng.step{step}.{name}"] = (
+                t.detach().to("cpu").clone()
+            )  # own storage: rng.<name> may be the same tensor
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     meta["steps"] = json.dumps(sorted(batches))
     p = Path(path)
@@ -115,16 +127,37 @@ def _rows(mask: Any) -> list[int]:
     return [int(i) for i in mask.nonzero().flatten().tolist()]
 
 
-def _finding(rows: list[int], n_rows: int, problem: str, summary: str, severity: Severity, cause: str, fix: str,
-             step: int | None, **extra: Any) -> Finding:
-    return Finding(signature="bad_batch", severity=severity, step=step,
-                   summary=f"{summary} ({len(rows)} of {n_rows} rows)",
-                   evidence={"rows": rows, "problem": problem, "batch_rows": n_rows, **extra},
-                   cause=cause, fix=fix, detector="replay.batch")
+def _finding(
+    rows: list[int],
+    n_rows: int,
+    problem: str,
+    summary: str,
+    severity: Severity,
+    cause: str,
+    fix: str,
+    step: int | None,
+    **extra: Any,
+) -> Finding:
+    return Finding(
+        signature="bad_batch",
+        severity=severity,
+        step=step,
+        summary=f"{summary} ({len(rows)} of {n_rows} rows)",
+        evidence={"rows": rows, "problem": problem, "batch_rows": n_rows, **extra},
+        cause=cause,
+        fix=fix,
+        detector="replay.batch",
+    )
 
 
-def inspect_batch(batch: dict[str, Any], *, vocab_size: int | None = None, max_positions: int | None = None,
-                  step: int | None = None, ignore_index: int = -100) -> list[Finding]:
+def inspect_batch(
+    batch: dict[str, Any],
+    *,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    step: int | None = None,
+    ignore_index: int = -100,
+) -> list[Finding]:
     """Check a batch before the model runs: masked labels, ids out of range, too long, NaN/Inf, empty rows.
 
     Each problem is one ``bad_batch`` finding naming the rows. Vectorised over the batch.
@@ -148,30 +181,70 @@ def inspect_batch(batch: dict[str, Any], *, vocab_size: int | None = None, max_p
         if bad.any():
             rows = _rows(bad)
             lo, hi = int(ids.min()), int(ids.max())
-            out.append(_finding(rows, n, "token_id_out_of_range",
-                                f"token ids outside [0, {vocab_size}) (min {lo}, max {hi})", Severity.CRITICAL,
-                                "the tokenizer and the model disagree on the vocabulary (added tokens without resize_token_embeddings, a wrong tokenizer); on a GPU this is the 'device-side assert triggered' crash",
-                                "resize the embeddings to len(tokenizer) or fix the tokenizer; check the ids named here",
-                                step, min_id=lo, max_id=hi, vocab_size=vocab_size))
+            out.append(
+                _finding(
+                    rows,
+                    n,
+                    "token_id_out_of_range",
+                    f"token ids outside [0, {vocab_size}) (min {lo}, max {hi})",
+                    Severity.CRITICAL,
+                    "the tokenizer and the model disagree on the vocabulary (added tokens without resize_token_embeddings, a wrong tokenizer); on a GPU this is the 'device-side assert triggered' crash",
+                    "resize the embeddings to len(tokenizer) or fix the tokenizer; check the ids named here",
+                    step,
+                    min_id=lo,
+                    max_id=hi,
+                    vocab_size=vocab_size,
+                )
+            )
     if labels is not None and labels.numel():
         valid = labels != ignore_index
         if vocab_size is not None:
             bad = (valid & ((labels < 0) | (labels >= vocab_size))).flatten(1).any(1)
             if bad.any():
-                out.append(_finding(_rows(bad), n, "label_out_of_range", f"labels outside [0, {vocab_size}) and not {ignore_index}",
-                                    Severity.CRITICAL, "labels built with the wrong tokenizer or a padding value other than -100",
-                                    "pad labels with -100 and use the model's tokenizer", step, vocab_size=vocab_size))
+                out.append(
+                    _finding(
+                        _rows(bad),
+                        n,
+                        "label_out_of_range",
+                        f"labels outside [0, {vocab_size}) and not {ignore_index}",
+                        Severity.CRITICAL,
+                        "labels built with the wrong tokenizer or a padding value other than -100",
+                        "pad labels with -100 and use the model's tokenizer",
+                        step,
+                        vocab_size=vocab_size,
+                    )
+                )
         # a causal LM shifts labels by one: a row needs a valid label after position 0 to contribute
-        learnable = valid[..., 1:].flatten(1).any(1) if labels.dim() >= 2 and labels.shape[-1] > 1 else valid.flatten(1).any(1)
+        learnable = (
+            valid[..., 1:].flatten(1).any(1) if labels.dim() >= 2 and labels.shape[-1] > 1 else valid.flatten(1).any(1)
+        )
         masked = ~learnable
         if masked.all():
-            out.append(_finding(_rows(masked), n, "all_labels_masked", f"every label is {ignore_index}: nothing to learn",
-                                Severity.ERROR, "the loss is NaN (0/0) or 0.0 for this batch: a collator or template that masks every token (prompt longer than the cut, wrong response template)",
-                                "check the collator's masking and the max length; drop rows with no label", step))
+            out.append(
+                _finding(
+                    _rows(masked),
+                    n,
+                    "all_labels_masked",
+                    f"every label is {ignore_index}: nothing to learn",
+                    Severity.ERROR,
+                    "the loss is NaN (0/0) or 0.0 for this batch: a collator or template that masks every token (prompt longer than the cut, wrong response template)",
+                    "check the collator's masking and the max length; drop rows with no label",
+                    step,
+                )
+            )
         elif masked.any():
-            out.append(_finding(_rows(masked), n, "rows_fully_masked", f"rows whose labels are all {ignore_index}",
-                                Severity.WARNING, "these rows contribute nothing (prompt cut at max length, template mismatch)",
-                                "check the collator's masking and the max length for these rows", step))
+            out.append(
+                _finding(
+                    _rows(masked),
+                    n,
+                    "rows_fully_masked",
+                    f"rows whose labels are all {ignore_index}",
+                    Severity.WARNING,
+                    "these rows contribute nothing (prompt cut at max length, template mismatch)",
+                    "check the collator's masking and the max length for these rows",
+                    step,
+                )
+            )
     if max_positions is not None and ref is not None:
         seq = ids if ids is not None else labels if labels is not None else None
         if seq is not None and seq.dim() >= 2 and seq.shape[1] > max_positions:
@@ -180,19 +253,39 @@ def inspect_batch(batch: dict[str, Any], *, vocab_size: int | None = None, max_p
             else:
                 long_rows = torch.ones(seq.shape[0], dtype=torch.bool)
             if long_rows.any():
-                out.append(_finding(_rows(long_rows), n, "sequence_too_long",
-                                    f"sequences of {seq.shape[1]} tokens, longer than the model's {max_positions} positions",
-                                    Severity.CRITICAL, "no truncation to the model's max_position_embeddings",
-                                    f"truncate to max_length <= {max_positions}", step, seq_len=int(seq.shape[1]), max_positions=max_positions))
+                out.append(
+                    _finding(
+                        _rows(long_rows),
+                        n,
+                        "sequence_too_long",
+                        f"sequences of {seq.shape[1]} tokens, longer than the model's {max_positions} positions",
+                        Severity.CRITICAL,
+                        "no truncation to the model's max_position_embeddings",
+                        f"truncate to max_length <= {max_positions}",
+                        step,
+                        seq_len=int(seq.shape[1]),
+                        max_positions=max_positions,
+                    )
+                )
     for name, t in batch.items():
         if torch.is_tensor(t) and t.is_floating_point() and t.numel():
             bad = ~torch.isfinite(t)
             if bad.any():
                 per_row = bad.reshape(bad.shape[0], -1).any(1) if bad.dim() >= 1 else bad.reshape(1)
-                out.append(_finding(_rows(per_row), int(per_row.numel()), "nonfinite_input", f"NaN/Inf in the input {name!r}",
-                                    Severity.CRITICAL, "broken preprocessing (a division by zero, a corrupt sample)",
-                                    "find these samples in the dataset and fix or drop them", step, input=name,
-                                    nonfinite_values=int(bad.sum())))
+                out.append(
+                    _finding(
+                        _rows(per_row),
+                        int(per_row.numel()),
+                        "nonfinite_input",
+                        f"NaN/Inf in the input {name!r}",
+                        Severity.CRITICAL,
+                        "broken preprocessing (a division by zero, a corrupt sample)",
+                        "find these samples in the dataset and fix or drop them",
+                        step,
+                        input=name,
+                        nonfinite_values=int(bad.sum()),
+                    )
+                )
     if mask is not None and mask.numel() and mask.dim() >= 2:
         empty = ~(mask != 0).flatten(1).any(1)
     elif ids is not None and ids.dim() >= 2:
@@ -200,7 +293,16 @@ def inspect_batch(batch: dict[str, Any], *, vocab_size: int | None = None, max_p
     else:
         empty = None
     if empty is not None and empty.any():
-        out.append(_finding(_rows(empty), n, "empty_rows", "rows with no tokens (attention mask all zero)", Severity.ERROR,
-                            "empty samples in the dataset (blank text, a filter that emptied them)",
-                            "drop empty samples before batching", step))
+        out.append(
+            _finding(
+                _rows(empty),
+                n,
+                "empty_rows",
+                "rows with no tokens (attention mask all zero)",
+                Severity.ERROR,
+                "empty samples in the dataset (blank text, a filter that emptied them)",
+                "drop empty samples before batching",
+                step,
+            )
+        )
     return out

@@ -37,8 +37,10 @@ def base_model_dir(adapter_dir: str | os.PathLike[str], base: str | os.PathLike[
         raise InputError(f"{adapter_dir}: the adapter names no base model; pass --base DIR")
     p = Path(name).expanduser()
     if not (p / "config.json").is_file():
-        raise InputError(f"base model {name!r} of the adapter is not a local model directory (nothing is downloaded); "
-                         "pass --base DIR with a local copy")
+        raise InputError(
+            f"base model {name!r} of the adapter is not a local model directory (nothing is downloaded); "
+            "pass --base DIR with a local copy"
+        )
     return p
 
 
@@ -53,7 +55,9 @@ def model_config(path: str | os.PathLike[str], *, base: str | os.PathLike[str] |
     return _read_json(cfg)
 
 
-def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, device: Any = None, dtype: Any = None) -> Any:
+def load_model(
+    path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, device: Any = None, dtype: Any = None
+) -> Any:
     """Load a checkpoint (full model, or PEFT adapter on its local base) for replay, trainable, on ``device``.
 
     Nothing is downloaded (``local_files_only``). The class comes from ``config.architectures``
@@ -76,14 +80,14 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
         cls = transformers.AutoModelForCausalLM
     try:
         model = cls.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError (a cut file), ValueError (bad config)
+    except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnreadableError(f"cannot load the model from {model_dir}: {type(exc).__name__}: {first}") from None
     if adapter:
         peft = require("peft", purpose="load a LoRA/PEFT adapter")
         try:
             model = peft.PeftModel.from_pretrained(model, str(p), is_trainable=True, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, ValueError
+        except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnreadableError(f"cannot load the adapter {p}: {type(exc).__name__}: {first}") from None
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):

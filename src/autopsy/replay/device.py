@@ -17,9 +17,18 @@ from autopsy.errors import UsageError
 
 __all__ = ["pick_device", "pick_dtype"]
 
-_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-           "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
-           "half": "float16", "float": "float32"}
+_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float32": "float32",
+    "float64": "float64",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 def pick_device(requested: Any = None) -> Any:
@@ -54,7 +63,7 @@ def _checkpoint_dtype(model_dir: Path) -> str | None:
     for f in sorted(model_dir.glob("*.safetensors")):
         try:
             header, _ = safetensors_header(f)
-        except Exception:  # noqa: BLE001 - an unreadable file says nothing about the dtype
+        except Exception:
             continue
         for k, v in header.items():
             if k != "__metadata__" and v.get("dtype") in ("F16", "BF16", "F32", "F64"):

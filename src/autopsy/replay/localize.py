@@ -83,8 +83,12 @@ class Trace:
 
     loss: float
     grad_norm: float
-    forward: list[tuple[str, float | None, float]] = field(default_factory=list)  # (module, sum of inputs or None, sum of outputs)
-    backward: list[tuple[str, float]] = field(default_factory=list)  # (module, sum of its output's gradient), backward order
+    forward: list[tuple[str, float | None, float]] = field(
+        default_factory=list
+    )  # (module, sum of inputs or None, sum of outputs)
+    backward: list[tuple[str, float]] = field(
+        default_factory=list
+    )  # (module, sum of its output's gradient), backward order
     layers: list[tuple[str, float | None, float]] = field(default_factory=list)  # (block, max|input|, max|output|)
     backward_ran: bool = True
 
@@ -110,7 +114,9 @@ def _nanmax(a: float, b: float) -> float:
     return max(a, b)
 
 
-def trace(model: Any, batch: dict[str, Any], *, backward: bool = True, scope: str = "leaves", grad_hooks: bool = False) -> Trace:
+def trace(
+    model: Any, batch: dict[str, Any], *, backward: bool = True, scope: str = "leaves", grad_hooks: bool = False
+) -> Trace:
     """One forward (+ backward) pass with per-module finite checks kept on the device; one host sync at the end.
 
     ``scope="leaves"`` hooks the leaf modules and the blocks only (the cheap first pass: the fixed cost of a hook
@@ -120,7 +126,7 @@ def trace(model: Any, batch: dict[str, Any], *, backward: bool = True, scope: st
     """
     import torch
 
-    names = {}
+    names: dict[Any, str] = {}
     for n, m in model.named_modules():
         names.setdefault(m, n)
     all_lists = [m for m in names if isinstance(m, torch.nn.ModuleList)]
@@ -151,6 +157,7 @@ def trace(model: Any, batch: dict[str, Any], *, backward: bool = True, scope: st
     def grad_hook(name: str):
         def hook(g):
             bwd.append((name, torch.sum(g.detach(), dtype=torch.float32)))
+
         return hook
 
     def fwd_hook(mod, args, kwargs, output):
@@ -181,8 +188,13 @@ def trace(model: Any, batch: dict[str, Any], *, backward: bool = True, scope: st
             h.remove()
         cache.clear()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    gnorm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]))
-             if grads else torch.zeros((), device=loss.device))
+    gnorm = (
+        torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
+        )
+        if grads
+        else torch.zeros((), device=loss.device)
+    )
     # the one host sync of the pass
     nan = torch.full((), math.nan, device=loss.device)
     flat = [loss.detach().float(), gnorm.float()]
@@ -241,7 +253,9 @@ def _to_float32(obj: Any) -> Any:
     return obj
 
 
-def _rerun(model: Any, batch: dict[str, Any], module: Any, *, float32: bool) -> tuple[float | None, float | None, bool | None]:
+def _rerun(
+    model: Any, batch: dict[str, Any], module: Any, *, float32: bool
+) -> tuple[float | None, float | None, bool | None]:
     """The culprit's exact max |input| and |output| in the replay, and whether it is finite re-run alone in float32."""
     import torch
 
@@ -254,8 +268,8 @@ def _rerun(model: Any, batch: dict[str, Any], module: Any, *, float32: bool) -> 
     vals = [torch.linalg.vector_norm(t.detach(), ord=inf, dtype=torch.float32) for t in ins + outs]
     host = torch.stack(vals).cpu().tolist() if vals else []
     max_in = max(host[: len(ins)], default=None) if ins else None
-    max_out = host[len(ins):]
-    max_out = (math.nan if any(math.isnan(v) for v in max_out) else max(max_out)) if max_out else None
+    out_vals = host[len(ins) :]
+    max_out = (math.nan if any(math.isnan(v) for v in out_vals) else max(out_vals)) if out_vals else None
     if ins and any(math.isnan(v) for v in host[: len(ins)]):
         max_in = math.nan
     if not float32:
@@ -264,7 +278,7 @@ def _rerun(model: Any, batch: dict[str, Any], module: Any, *, float32: bool) -> 
         clone = copy.deepcopy(module).float()
         with torch.no_grad():
             out = clone(*_to_float32(args), **_to_float32(kwargs))
-    except Exception:  # noqa: BLE001 - a module that cannot run alone gives no answer, not a crash
+    except Exception:
         return max_in, max_out, None
     outs = _outputs(out)
     return max_in, max_out, (bool(all(torch.isfinite(t).all() for t in outs)) if outs else None)
@@ -281,6 +295,7 @@ def _rerun_backward(model: Any, batch: dict[str, Any], module: Any) -> tuple[flo
     def keep(i: int):
         def hook(g):
             got["grads"][i] = g.detach().clone()
+
         return hook
 
     def fwd(mod, args, kwargs, output):
@@ -305,8 +320,15 @@ def _rerun_backward(model: Any, batch: dict[str, Any], module: Any) -> tuple[flo
     args, kwargs = got["args"], got["kwargs"]
     ins = _inputs(args, kwargs)
     inf = float("inf")
-    max_in = (max(torch.stack([torch.linalg.vector_norm(t.detach(), ord=inf, dtype=torch.float32) for t in ins]).cpu().tolist())
-              if ins else None)
+    max_in = (
+        max(
+            torch.stack([torch.linalg.vector_norm(t.detach(), ord=inf, dtype=torch.float32) for t in ins])
+            .cpu()
+            .tolist()
+        )
+        if ins
+        else None
+    )
     leaves: dict[int, Any] = {id(t): t.detach().float().requires_grad_(True) for t in ins}
 
     def conv(obj: Any) -> Any:
@@ -328,9 +350,11 @@ def _rerun_backward(model: Any, batch: dict[str, Any], module: Any) -> tuple[flo
             if not pairs:
                 return max_in, None
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    except Exception:  # noqa: BLE001 - a module that cannot run alone gives no answer, not a crash
+    except Exception:
         return max_in, None
-    grads = [t.grad for t in leaves.values() if t.grad is not None] + [p.grad for p in clone.parameters() if p.grad is not None]
+    grads = [t.grad for t in leaves.values() if t.grad is not None] + [
+        p.grad for p in clone.parameters() if p.grad is not None
+    ]
     if not grads:
         return max_in, None
     return max_in, all(bool(torch.isfinite(g).all()) for g in grads)
@@ -355,6 +379,7 @@ def _backward_origin(model: Any, batch: dict[str, Any]) -> str | None:
     def make(name, mod):
         def hook(m, grad_input, grad_output):
             order.append((name, mod, maxabs(grad_output), maxabs(grad_input)))
+
         return hook
 
     handles = [m.register_full_backward_hook(make(n, m)) for n, m in leaves]
@@ -368,7 +393,9 @@ def _backward_origin(model: Any, batch: dict[str, Any]) -> str | None:
     for name, mod, go, gi in order:
         go_ok = go is None or bool(torch.isfinite(go))
         gi_bad = gi is not None and not bool(torch.isfinite(gi))
-        p_bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in mod.parameters(recurse=False))
+        p_bad = any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in mod.parameters(recurse=False)
+        )
         if go_ok and (gi_bad or p_bad):
             return name
     return None
@@ -401,7 +428,9 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
     tr = trace(model, batch)
     origin = tr.forward_origin()
     first_bad = next((r for r in tr.forward if not math.isfinite(r[2])), None)
-    if (origin is not None and origin is not first_bad) or (origin is None and (first_bad is not None or not math.isfinite(tr.loss))):
+    if (origin is not None and origin is not first_bad) or (
+        origin is None and (first_bad is not None or not math.isfinite(tr.loss))
+    ):
         # the NaN is born in a non-leaf's own code (attention math, the loss): narrow with every module hooked
         model.zero_grad(set_to_none=True)
         full = trace(model, batch, backward=False, scope="all")
@@ -411,34 +440,58 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
     if origin is None:
         bad_grad = next((n for n, g in tr.backward if not math.isfinite(g)), None)
         if bad_grad is None and math.isfinite(tr.loss) and math.isfinite(tr.grad_norm):
-            return [Finding(
-                signature="replay_not_reproduced", severity=Severity.INFO, step=step,
-                summary=f"the batch runs clean from this checkpoint (loss {tr.loss:.4g}, grad norm {tr.grad_norm:.4g})",
-                evidence={"loss": evidence_value(tr.loss), "grad_norm": evidence_value(tr.grad_norm), "modules_traced": len(modules)},
-                cause="a transient fault (hardware, a race), weights changed between the checkpoint and the failing step, or the wrong batch/checkpoint",
-                fix="replay from the checkpoint saved just before the failing step with the batch of that step (AutopsyCallback records both)",
-                detector="replay.localize")]
+            return [
+                Finding(
+                    signature="replay_not_reproduced",
+                    severity=Severity.INFO,
+                    step=step,
+                    summary=f"the batch runs clean from this checkpoint (loss {tr.loss:.4g}, grad norm {tr.grad_norm:.4g})",
+                    evidence={
+                        "loss": evidence_value(tr.loss),
+                        "grad_norm": evidence_value(tr.grad_norm),
+                        "modules_traced": len(modules),
+                    },
+                    cause="a transient fault (hardware, a race), weights changed between the checkpoint and the failing step, or the wrong batch/checkpoint",
+                    fix="replay from the checkpoint saved just before the failing step with the batch of that step (AutopsyCallback records both)",
+                    detector="replay.localize",
+                )
+            ]
         phase = "backward"
         name = _backward_origin(model, batch) or bad_grad or ""
         origin = (name, None, math.nan)
-    name, max_in, max_out = origin
+    name = origin[0]
+    max_in: float | None = origin[1]
+    max_out: float | None = origin[2]
     module = modules.get(name, model)
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dtype = _module_dtype(module, param_dtype)
-    bad_params = sorted(f"{name}.{pn}" if name else pn for pn, p in module.named_parameters(recurse=False)
-                        if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+    bad_params = sorted(
+        f"{name}.{pn}" if name else pn
+        for pn, p in module.named_parameters(recurse=False)
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    )
     if phase == "forward":
         max_in, max_out, f32 = _rerun(model, batch, module, float32=not bad_params and dtype != torch.float32)
     elif dtype == torch.float32 or bad_params or module is model:
-        f32 = False if dtype == torch.float32 else None  # already float32 (the same arithmetic), or nothing to re-run alone
+        f32 = (
+            False if dtype == torch.float32 else None
+        )  # already float32 (the same arithmetic), or nothing to re-run alone
     else:
         max_in, f32 = _rerun_backward(model, batch, module)
     children = [n for n, _ in module.named_children()]
     parents = {n for n, m in modules.items() if isinstance(m, torch.nn.ModuleList)}
-    layer_names = [n for n, m in modules.items() if "." in n and n.rsplit(".", 1)[0] in parents and n.rsplit(".", 1)[1].isdigit()]
+    layer_names = [
+        n for n, m in modules.items() if "." in n and n.rsplit(".", 1)[0] in parents and n.rsplit(".", 1)[1].isdigit()
+    ]
     per = tr.max_abs()
-    layers = [{"module": ln, "max_abs_input": evidence_value(i) if i is not None else None,
-               "max_abs_output": evidence_value(o)} for ln, (i, o) in per.items()]
+    layers = [
+        {
+            "module": ln,
+            "max_abs_input": evidence_value(i) if i is not None else None,
+            "max_abs_output": evidence_value(o),
+        }
+        for ln, (i, o) in per.items()
+    ]
     dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
     evidence = {
         "module": name,
@@ -471,6 +524,15 @@ def localize(model: Any, batch: dict[str, Any], *, step: int | None = None) -> l
         cause = "a non-finite value appears in this module even in float32: an invalid operation (0/0, inf-inf, log of 0) on its inputs"
         fix = "inspect the inputs named by max_abs_input and the module's parameters; lower the LR; check the data of this batch"
     where = f"{name or type(model).__name__} ({type(module).__name__})"
-    return [Finding(signature="nonfinite_origin", severity=Severity.CRITICAL, step=step,
-                    summary=f"the first non-finite value is born in {where}, {phase} pass",
-                    evidence=evidence, cause=cause, fix=fix, detector="replay.localize")]
+    return [
+        Finding(
+            signature="nonfinite_origin",
+            severity=Severity.CRITICAL,
+            step=step,
+            summary=f"the first non-finite value is born in {where}, {phase} pass",
+            evidence=evidence,
+            cause=cause,
+            fix=fix,
+            detector="replay.localize",
+        )
+    ]

@@ -62,21 +62,31 @@ def load_state_file(path: Path, *, what: str) -> tuple[Any, str | None]:
         return None, f"{path.name} is missing: the replay runs without the {what}"
     try:
         names = get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:  # noqa: BLE001 - a damaged file: a note, not a crash
-        return None, f"{path.name} is not a readable torch file ({type(exc).__name__}): the replay runs without the {what}"
+    except Exception as exc:
+        return (
+            None,
+            f"{path.name} is not a readable torch file ({type(exc).__name__}): the replay runs without the {what}",
+        )
     allow = _numpy_allowlist()
     refused = sorted(n for n in names if n not in allow)
     if refused:
-        return None, (f"{path.name} was not loaded: it references {', '.join(refused[:4])}, not on the allowlist "
-                      f"(only weights_only loading is done): the replay runs without the {what}")
+        return None, (
+            f"{path.name} was not loaded: it references {', '.join(refused[:4])}, not on the allowlist "
+            f"(only weights_only loading is done): the replay runs without the {what}"
+        )
     try:
         with safe_globals(list(allow.values())):  # the dtype classes are found only while unpickling
             return torch.load(str(path), weights_only=True, map_location="cpu"), None
-    except Exception as exc:  # noqa: BLE001
-        return None, f"{path.name} could not be loaded safely ({first_line(exc, 160)}): the replay runs without the {what}"
+    except Exception as exc:
+        return (
+            None,
+            f"{path.name} could not be loaded safely ({first_line(exc, 160)}): the replay runs without the {what}",
+        )
 
 
-def _recorded(run_dir: Path, batch: Path | None) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[str, str]]:
+def _recorded(
+    run_dir: Path, batch: Path | None
+) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[str, str]]:
     """Every recorded step of the run (later dumps win), the per-step RNG states and the newest metadata."""
     from autopsy.replay.batch import load_batches
 
@@ -152,46 +162,66 @@ def _optimizer_class(optim_name: str | None, saved: dict[str, Any] | None) -> An
             return torch.optim.SGD
     if not name:
         return torch.optim.AdamW  # HF Trainer's default
-    raise InputError(f"step replay supports torch's AdamW, Adam, SGD, Adagrad and RMSprop; this run used optim={optim_name!r}")
+    raise InputError(
+        f"step replay supports torch's AdamW, Adam, SGD, Adagrad and RMSprop; this run used optim={optim_name!r}"
+    )
 
 
-def _build_optimizer(model: Any, cfg: dict[str, Any], saved: dict[str, Any] | None, notes: list[str]) -> tuple[Any, dict[str, Any] | None]:
+def _build_optimizer(
+    model: Any, cfg: dict[str, Any], saved: dict[str, Any] | None, notes: list[str]
+) -> tuple[Any, dict[str, Any] | None]:
     """The optimizer as HF's Trainer built it (decay / no-decay groups), and ``optimizer.pt``'s state when it fits
     (None otherwise): Trainer loads that state after the scheduler is built, and so does the caller."""
     cls = _optimizer_class(cfg.get("optim"), saved)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = _decay_names(model)
     wd = float(cfg.get("weight_decay") or 0.0)
-    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": wd},
-              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": wd},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
     lr = float(cfg.get("learning_rate") or 1e-3)
     kwargs: dict[str, Any] = {"lr": lr}
     if cls.__name__.startswith("Adam"):
-        kwargs.update(betas=(float(cfg.get("adam_beta1", 0.9)), float(cfg.get("adam_beta2", 0.999))), eps=float(cfg.get("adam_epsilon", 1e-8)))
+        kwargs.update(
+            betas=(float(cfg.get("adam_beta1", 0.9)), float(cfg.get("adam_beta2", 0.999))),
+            eps=float(cfg.get("adam_epsilon", 1e-8)),
+        )
     if saved is not None:
         sizes = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
         if sizes != [len(g["params"]) for g in groups]:
             if sizes == [len(named)]:
                 groups = [{"params": [p for _, p in named], "weight_decay": wd}]
             else:
-                notes.append(f"optimizer.pt holds parameter groups of sizes {sizes}, the model's trainable parameters group as "
-                             f"{[len(g['params']) for g in groups]}: the replay runs with a fresh {cls.__name__} (its first steps will differ)")
+                notes.append(
+                    f"optimizer.pt holds parameter groups of sizes {sizes}, the model's trainable parameters group as "
+                    f"{[len(g['params']) for g in groups]}: the replay runs with a fresh {cls.__name__} (its first steps will differ)"
+                )
                 saved = None
     opt = cls(groups, **kwargs)
     if saved is not None:
         params = [p for g in groups for p in g["params"]]
-        mismatch = [i for i, st in saved.get("state", {}).items()
-                    if isinstance(i, int) and i < len(params) and any(
-                        hasattr(v, "shape") and v.dim() > 0 and tuple(v.shape) != tuple(params[i].shape) for v in st.values())]
+        mismatch = [
+            i
+            for i, st in saved.get("state", {}).items()
+            if isinstance(i, int)
+            and i < len(params)
+            and any(
+                hasattr(v, "shape") and v.dim() > 0 and tuple(v.shape) != tuple(params[i].shape) for v in st.values()
+            )
+        ]
         if mismatch:
-            notes.append(f"optimizer.pt does not match the model's parameters (shapes differ at {len(mismatch)} entries): "
-                         f"the replay runs with a fresh {cls.__name__}")
+            notes.append(
+                f"optimizer.pt does not match the model's parameters (shapes differ at {len(mismatch)} entries): "
+                f"the replay runs with a fresh {cls.__name__}"
+            )
             return opt, None
     return opt, saved
 
 
-def _build_scheduler(opt: Any, cfg: dict[str, Any], max_steps: int | None, step: int, saved: dict[str, Any] | None,
-                     notes: list[str]) -> Any:
+def _build_scheduler(
+    opt: Any, cfg: dict[str, Any], max_steps: int | None, step: int, saved: dict[str, Any] | None, notes: list[str]
+) -> Any:
     """The LR scheduler of the run (``transformers.get_scheduler``), then ``scheduler.pt``'s state or advanced to ``step``."""
     from transformers import get_scheduler
 
@@ -204,12 +234,18 @@ def _build_scheduler(opt: Any, cfg: dict[str, Any], max_steps: int | None, step:
         warmup = math.ceil(float(ratio) * total)
     extra = cfg.get("lr_scheduler_kwargs") if isinstance(cfg.get("lr_scheduler_kwargs"), dict) else {}
     if total <= 0 and name not in ("constant", "constant_with_warmup"):
-        notes.append(f"the run's max_steps is unknown: the {name} schedule cannot be rebuilt; the learning rate is held constant")
+        notes.append(
+            f"the run's max_steps is unknown: the {name} schedule cannot be rebuilt; the learning rate is held constant"
+        )
         return None
     try:
-        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=extra or None)
-    except Exception as exc:  # noqa: BLE001 - an exotic schedule: the LR is held, and the report says so
-        notes.append(f"the LR schedule {name!r} could not be rebuilt ({type(exc).__name__}): the learning rate is held constant")
+        sched = get_scheduler(
+            name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=extra or None
+        )
+    except Exception as exc:
+        notes.append(
+            f"the LR schedule {name!r} could not be rebuilt ({type(exc).__name__}): the learning rate is held constant"
+        )
         return None
     if saved is None:
         for _ in range(step):
@@ -241,9 +277,13 @@ def _nonfinite_params(model: Any) -> list[str]:
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     if not named:
         return []
-    flags = torch.stack([torch.sum(p.detach(), dtype=torch.float32) for _, p in named]).isfinite().cpu().tolist()  # one sync
+    flags = (
+        torch.stack([torch.sum(p.detach(), dtype=torch.float32) for _, p in named]).isfinite().cpu().tolist()
+    )  # one sync
     bad = [n for (n, _), ok in zip(named, flags) if not ok]
-    return [n for n in bad if not bool(torch.isfinite(dict(named)[n]).all())]  # a finite sum can overflow; recheck the few
+    return [
+        n for n in bad if not bool(torch.isfinite(dict(named)[n]).all())
+    ]  # a finite sum can overflow; recheck the few
 
 
 def _compare_weights(model: Any, weights_dir: Path) -> list[str]:
@@ -289,23 +329,31 @@ def _plan(run: Path, ck: Path, batch: Path | None, until: int | None) -> _Plan:
     start = int(tstate.get("global_step") or checkpoint_step(ck.name) or 0)
     steps, step_rng, meta = _recorded(run, batch)
     if not steps:
-        raise InputError(f"{run}: no recorded batches (train with autopsy.callbacks.AutopsyCallback, or pass --batch FILE)")
+        raise InputError(
+            f"{run}: no recorded batches (train with autopsy.callbacks.AutopsyCallback, or pass --batch FILE)"
+        )
     original = _original_trajectory(run)
     orig_bad = _first_bad(original)
     if orig_bad is None and meta.get("first_bad_step", "").isdigit():
         orig_bad = int(meta["first_bad_step"])
     want = list(range(start + 1, (until or orig_bad or max(steps)) + 1))
     if not want:
-        raise InputError(f"{ck.name} is at step {start}, at or after the failing step {until or orig_bad or max(steps)}: "
-                         "replay from an earlier checkpoint")
+        raise InputError(
+            f"{ck.name} is at step {start}, at or after the failing step {until or orig_bad or max(steps)}: "
+            "replay from an earlier checkpoint"
+        )
     plan = _Plan(start, want, steps, step_rng, original, orig_bad, tstate.get("max_steps"))
     missing = [s for s in want if s not in steps]
     if missing and missing[0] == start + 1:
-        raise InputError(f"the batches of steps {missing[0]}..{missing[-1]} after {ck.name} were not recorded (recorded: "
-                         f"{min(steps)}..{max(steps)}); replay from a later checkpoint, or train with "
-                         "AutopsyCallback(keep_last >= save_steps)")
+        raise InputError(
+            f"the batches of steps {missing[0]}..{missing[-1]} after {ck.name} were not recorded (recorded: "
+            f"{min(steps)}..{max(steps)}); replay from a later checkpoint, or train with "
+            "AutopsyCallback(keep_last >= save_steps)"
+        )
     if missing:
-        plan.notes.append(f"the batches of steps {missing[0]}..{missing[-1]} were not recorded: the replay stops at step {missing[0] - 1}")
+        plan.notes.append(
+            f"the batches of steps {missing[0]}..{missing[-1]} were not recorded: the replay stops at step {missing[0] - 1}"
+        )
         plan.want = [s for s in want if s < missing[0]]
     return plan
 
@@ -327,15 +375,23 @@ def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
     from autopsy.replay.checkpoint import load_model
     from autopsy.replay.device import pick_device
 
-    cfg, cfg_note = read_training_args(ck / "training_args.bin") if (ck / "training_args.bin").is_file() else ({}, "training_args.bin is missing")
+    cfg, cfg_note = (
+        read_training_args(ck / "training_args.bin")
+        if (ck / "training_args.bin").is_file()
+        else ({}, "training_args.bin is missing")
+    )
     if cfg_note:
         plan.notes.append(f"{cfg_note}: HF's defaults are assumed (max_grad_norm 1.0, AdamW, linear schedule)")
     max_grad_norm = cfg.get("max_grad_norm", 1.0) if cfg else 1.0
     dev = pick_device(device)
     model = load_model(ck, base=base, device=dev)
     model.train()
-    opt_state, note1 = load_state_file(ck / "optimizer.pt", what="optimizer state (a fresh optimizer: its first steps will differ)")
-    sched_state, note2 = load_state_file(ck / "scheduler.pt", what=f"scheduler state (a fresh scheduler advanced to step {plan.start})")
+    opt_state, note1 = load_state_file(
+        ck / "optimizer.pt", what="optimizer state (a fresh optimizer: its first steps will differ)"
+    )
+    sched_state, note2 = load_state_file(
+        ck / "scheduler.pt", what=f"scheduler state (a fresh scheduler advanced to step {plan.start})"
+    )
     rng_state, note3 = load_state_file(ck / "rng_state.pth", what="checkpoint's RNG state")
     plan.notes.extend(n for n in (note1, note2, note3) if n)
     opt, fits = _build_optimizer(model, cfg, opt_state, plan.notes)
@@ -345,13 +401,21 @@ def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
     if sched is not None and sched_state is not None:
         try:
             sched.load_state_dict(sched_state)
-        except Exception as exc:  # noqa: BLE001
-            plan.notes.append(f"scheduler.pt does not fit the rebuilt {type(sched).__name__} ({type(exc).__name__}): its state is ignored")
+        except Exception as exc:
+            plan.notes.append(
+                f"scheduler.pt does not fit the rebuilt {type(sched).__name__} ({type(exc).__name__}): its state is ignored"
+            )
     if isinstance(rng_state, dict):
         _set_rng(rng_state)
     clip = max_grad_norm is not None and float(max_grad_norm) > 0
-    return _Training(model, opt, sched, dev, float(max_grad_norm) if clip else None,
-                     {"optimizer": fits is not None, "scheduler": sched_state is not None, "rng": rng_state is not None})
+    return _Training(
+        model,
+        opt,
+        sched,
+        dev,
+        float(max_grad_norm) if clip else None,
+        {"optimizer": fits is not None, "scheduler": sched_state is not None, "rng": rng_state is not None},
+    )
 
 
 def _one_step(t: _Training, micro: list[dict[str, Any]]) -> tuple[float, float]:
@@ -384,7 +448,12 @@ def _run_steps(t: _Training, plan: _Plan) -> tuple[list[dict[str, Any]], int | N
             _set_rng(plan.step_rng[s])
         lr = float(t.opt.param_groups[0]["lr"])
         loss_v, gn_v = _one_step(t, plan.steps[s])
-        rec = {"step": s, "loss": evidence_value(loss_v), "grad_norm": evidence_value(gn_v), "learning_rate": evidence_value(lr)}
+        rec = {
+            "step": s,
+            "loss": evidence_value(loss_v),
+            "grad_norm": evidence_value(gn_v),
+            "learning_rate": evidence_value(lr),
+        }
         if s in plan.original:
             rec["original_loss"] = evidence_value(plan.original[s].get("loss", math.nan))
         traj.append(rec)
@@ -401,31 +470,42 @@ def _run_steps(t: _Training, plan: _Plan) -> tuple[list[dict[str, Any]], int | N
     return traj, None, poisoned
 
 
-def _not_reproduced(run: Path, ck: Path, t: _Training, plan: _Plan, traj: list[dict[str, Any]], ev: dict[str, Any]) -> Finding:
+def _not_reproduced(
+    run: Path, ck: Path, t: _Training, plan: _Plan, traj: list[dict[str, Any]], ev: dict[str, Any]
+) -> Finding:
     ran = [r["step"] for r in traj]
     last_rec = traj[-1] if traj else {"loss": math.nan, "grad_norm": math.nan}
     ev = {"loss": last_rec["loss"], "grad_norm": last_rec["grad_norm"], **ev}
     before = weights_dir(run, plan.orig_bad) if plan.orig_bad is not None else None
-    cause = ("the optimizer's own arithmetic on the recorded batches stays finite: the fault came from outside it "
-             "(weights written by other code, a hardware or non-deterministic kernel fault), or the wrong checkpoint/batches")
+    cause = (
+        "the optimizer's own arithmetic on the recorded batches stays finite: the fault came from outside it "
+        "(weights written by other code, a hardware or non-deterministic kernel fault), or the wrong checkpoint/batches"
+    )
     if before is not None and before.is_dir() and ran and ran[-1] >= plan.orig_bad - 1:  # type: ignore[operator]
         written = _compare_weights(t.model, before)
         ev["original_nonfinite_weights_not_reproduced"] = written
         if written:
-            cause = (f"the original run's weights before step {plan.orig_bad} hold NaN/Inf in {', '.join(written[:4])}, which "
-                     "the replayed updates do not produce: they were written outside the optimizer step (a callback, a "
-                     "hook, a hardware fault)")
+            cause = (
+                f"the original run's weights before step {plan.orig_bad} hold NaN/Inf in {', '.join(written[:4])}, which "
+                "the replayed updates do not produce: they were written outside the optimizer step (a callback, a "
+                "hook, a hardware fault)"
+            )
     return Finding(
-        signature="replay_not_reproduced", severity=Severity.INFO, step=ran[-1] if ran else plan.start,
+        signature="replay_not_reproduced",
+        severity=Severity.INFO,
+        step=ran[-1] if ran else plan.start,
         summary=(f"steps {ran[0]}..{ran[-1]} replayed from {ck.name} stay finite" if ran else "nothing replayed")
         + (f" (the original run went non-finite at step {plan.orig_bad})" if plan.orig_bad is not None else ""),
-        evidence=ev, cause=cause,
+        evidence=ev,
+        cause=cause,
         fix="check code that touches the weights between steps and the hardware; replay again to rule out non-determinism",
-        detector="replay.step")
+        detector="replay.step",
+    )
 
 
-def _localize_step(t: _Training, plan: _Plan, bad_step: int, ev: dict[str, Any],
-                   poisoned: tuple[int, list[str]] | None) -> list[Finding]:
+def _localize_step(
+    t: _Training, plan: _Plan, bad_step: int, ev: dict[str, Any], poisoned: tuple[int, list[str]] | None
+) -> list[Finding]:
     """Localize inside the failing step, on the weights it saw (the update of that step has not run)."""
     from autopsy.replay.localize import localize
 
@@ -443,8 +523,15 @@ def _localize_step(t: _Training, plan: _Plan, bad_step: int, ev: dict[str, Any],
     return loc
 
 
-def step_replay(run_dir: str | Path, checkpoint: str | Path, *, batch: str | Path | None = None, base: Any = None,
-                device: Any = None, until: int | None = None) -> tuple[list[Finding], dict[str, Any], list[str]]:
+def step_replay(
+    run_dir: str | Path,
+    checkpoint: str | Path,
+    *,
+    batch: str | Path | None = None,
+    base: Any = None,
+    device: Any = None,
+    until: int | None = None,
+) -> tuple[list[Finding], dict[str, Any], list[str]]:
     """Re-run the recorded steps after ``checkpoint`` until one goes non-finite. Returns (findings, config, notes)."""
     run, ck = Path(run_dir), Path(checkpoint)
     plan = _plan(run, ck, Path(batch) if batch else None, until)
@@ -453,21 +540,34 @@ def step_replay(run_dir: str | Path, checkpoint: str | Path, *, batch: str | Pat
     traj, bad_step, poisoned = _run_steps(t, plan)
     ran = [r["step"] for r in traj]
     ev: dict[str, Any] = {
-        "replayed_from": ck.name, "replayed_steps": [ran[0], ran[-1]] if ran else [], "first_nonfinite_step": bad_step,
+        "replayed_from": ck.name,
+        "replayed_steps": [ran[0], ran[-1]] if ran else [],
+        "first_nonfinite_step": bad_step,
         "original_first_bad_step": plan.orig_bad,
         "reproduced": bad_step is not None and (plan.orig_bad is None or bad_step == plan.orig_bad),
-        "max_grad_norm": t.max_grad_norm, "trajectory": traj,
+        "max_grad_norm": t.max_grad_norm,
+        "trajectory": traj,
     }
-    diffs = [abs(r["loss"] - r["original_loss"]) / max(abs(r["original_loss"]), 1e-12) for r in traj
-             if isinstance(r.get("original_loss"), float) and isinstance(r["loss"], float)]
+    diffs = [
+        abs(r["loss"] - r["original_loss"]) / max(abs(r["original_loss"]), 1e-12)
+        for r in traj
+        if isinstance(r.get("original_loss"), float) and isinstance(r["loss"], float)
+    ]
     if diffs:
         ev["max_rel_loss_diff_vs_original"] = evidence_value(max(diffs))
     if poisoned is not None:
         ev["weights_nonfinite_after_update"] = {"step": poisoned[0], "tensors": poisoned[1]}
-    config = {"checkpoint": str(ck), "mode": "step replay", "from_step": plan.start, "device": str(t.device),
-              "dtype": str(next(t.model.parameters()).dtype).replace("torch.", ""), "optimizer": type(t.opt).__name__,
-              "scheduler": type(t.sched).__name__ if t.sched is not None else None, "max_grad_norm": t.max_grad_norm,
-              "state_loaded": t.state_loaded}
+    config = {
+        "checkpoint": str(ck),
+        "mode": "step replay",
+        "from_step": plan.start,
+        "device": str(t.device),
+        "dtype": str(next(t.model.parameters()).dtype).replace("torch.", ""),
+        "optimizer": type(t.opt).__name__,
+        "scheduler": type(t.sched).__name__ if t.sched is not None else None,
+        "max_grad_norm": t.max_grad_norm,
+        "state_loaded": t.state_loaded,
+    }
     findings: list[Finding] = []
     wf = weights_finding(scan.path, scan.nonfinite, tensors=scan.tensors, step=plan.start)
     if wf is not None:

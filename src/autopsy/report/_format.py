@@ -32,9 +32,12 @@ def format_value(v: Any, *, limit: int = 8) -> str:
         return format_number(v)
     if isinstance(v, dict):
         return ", ".join(f"{k}={format_value(x, limit=limit)}" for k, x in list(v.items())[:limit]) + (
-            f" (+{len(v) - limit} more)" if len(v) > limit else "")
+            f" (+{len(v) - limit} more)" if len(v) > limit else ""
+        )
     if isinstance(v, (list, tuple)):
-        return ", ".join(format_value(x, limit=limit) for x in v[:limit]) + (f" (+{len(v) - limit} more)" if len(v) > limit else "")
+        return ", ".join(format_value(x, limit=limit) for x in v[:limit]) + (
+            f" (+{len(v) - limit} more)" if len(v) > limit else ""
+        )
     return str(v)
 
 
@@ -67,8 +70,21 @@ def step_range(f: Finding) -> str:
 
 
 # the evidence keys docs/SIGNATURES.md names for each replay signature, shown first
-REPLAY_KEYS = ("module", "phase", "dtype", "finite_in_float32", "max_abs_input", "tensors", "count", "rows", "problem",
-               "loss", "grad_norm", "checkpoint", "batch")
+REPLAY_KEYS = (
+    "module",
+    "phase",
+    "dtype",
+    "finite_in_float32",
+    "max_abs_input",
+    "tensors",
+    "count",
+    "rows",
+    "problem",
+    "loss",
+    "grad_norm",
+    "checkpoint",
+    "batch",
+)
 
 
 def replay_evidence(f: Finding) -> dict[str, Any]:

@@ -67,7 +67,12 @@ summary{cursor:pointer;color:var(--muted)}
 td.wall{white-space:nowrap;font-size:13px}
 """
 
-_SEV_CLASS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
+_SEV_CLASS = {
+    Severity.CRITICAL: "critical",
+    Severity.ERROR: "error",
+    Severity.WARNING: "warning",
+    Severity.INFO: "info",
+}
 
 
 def _e(x: Any) -> str:
@@ -81,13 +86,21 @@ def _val(v: Any) -> str:
 def _verdict(sm: RunSummary, idx: int) -> list[str]:
     top = sm.lead
     cls = _SEV_CLASS[top.severity] if top is not None else "ok"
-    line = sm.verdict[len(sm.word) + 2:] if top is not None else sm.verdict
-    out = [f'<div class="verdict sev-{cls}" id="verdict-{idx}">', f'<div class="status">{_e(sm.word)}</div>',
-           f'<div class="line">{_e(line)}</div>', "<dl>"]
+    line = sm.verdict[len(sm.word) + 2 :] if top is not None else sm.verdict
+    out = [
+        f'<div class="verdict sev-{cls}" id="verdict-{idx}">',
+        f'<div class="status">{_e(sm.word)}</div>',
+        f'<div class="line">{_e(line)}</div>',
+        "<dl>",
+    ]
     if top is not None:
         where = f"step {top.step}" if top.step is not None else "the whole run"
         if sm.last_step is not None:
-            where += f" (run logged up to step {sm.last_step}" + (f" of {sm.max_steps} planned" if sm.max_steps else "") + ")"
+            where += (
+                f" (run logged up to step {sm.last_step}"
+                + (f" of {sm.max_steps} planned" if sm.max_steps else "")
+                + ")"
+            )
         wall = format_wall(top.step, sm.walls)
         if wall:
             where += f", {wall}"
@@ -101,8 +114,11 @@ def _verdict(sm: RunSummary, idx: int) -> list[str]:
     out.append("</dl>")
     shown = [f for f in sm.findings if f.severity >= Severity.WARNING]
     if shown:
-        chips = "".join(f'<span class="chip sev-bg-{_SEV_CLASS[f.severity]}">{_e(f.signature)}'
-                        f'{"" if f.step is None else " @ " + str(f.step)}</span>' for f in shown)
+        chips = "".join(
+            f'<span class="chip sev-bg-{_SEV_CLASS[f.severity]}">{_e(f.signature)}'
+            f"{'' if f.step is None else ' @ ' + str(f.step)}</span>"
+            for f in shown
+        )
         out.append(f'<div class="chips">{chips}</div>')
     out.append("</div>")
     return out
@@ -113,16 +129,18 @@ def _plots(run: RunReport, idx: int) -> list[str]:
         from autopsy.report.plots import run_plots
 
         plots = run_plots(run, fmt="svg")
-    except Exception as exc:  # noqa: BLE001 - a plot never costs the reader the report
+    except Exception as exc:
         return ["<h3>Plots</h3>", f'<p class="damage">plots unavailable: {_e(type(exc).__name__)}: {_e(exc)}</p>']
     if not plots:
         return []
     out = ["<h3>Plots</h3>"]
     for p in plots:
         notes = "; ".join(p.notes)
-        out.append(f'<figure id="plot-{idx}-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" src="{p.data_uri()}" '
-                   f'alt="{_e(p.alt)}" width="900" height="320">'
-                   f"<figcaption>{_e(p.title)}{': ' + _e(notes) if notes else ''}</figcaption></figure>")
+        out.append(
+            f'<figure id="plot-{idx}-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" src="{p.data_uri()}" '
+            f'alt="{_e(p.alt)}" width="900" height="320">'
+            f"<figcaption>{_e(p.title)}{': ' + _e(notes) if notes else ''}</figcaption></figure>"
+        )
     return out
 
 
@@ -133,20 +151,28 @@ def _timeline(sm: RunSummary) -> list[str]:
     walls = sm.walls
     last = sm.last_step or max((f.end_step or f.step or 0) for f in findings) or 1
     has_wall = not walls.empty
-    out = ["<h3>Timeline</h3>", '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>' + ("<th>wall time</th>" if has_wall else "")
-           + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>"]
+    out = [
+        "<h3>Timeline</h3>",
+        '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>'
+        + ("<th>wall time</th>" if has_wall else "")
+        + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>",
+    ]
     for f in findings:
         bar = ""
         if f.step is not None and last > 0:
             left = min(max(f.step / last, 0.0), 1.0) * 100
             end = f.end_step if f.end_step is not None else f.step
             width = max(min(end / last, 1.0) * 100 - left, 0.0)
-            bar = (f'<div class="bar"><span class="sev-bg-{_SEV_CLASS[f.severity]}" '
-                   f'style="left:{left:.1f}%;width:{width:.1f}%"></span></div>')
+            bar = (
+                f'<div class="bar"><span class="sev-bg-{_SEV_CLASS[f.severity]}" '
+                f'style="left:{left:.1f}%;width:{width:.1f}%"></span></div>'
+            )
         wall = f"<td class='wall'>{_e(format_wall(f.step, walls))}</td>" if has_wall else ""
-        out.append(f'<tr><td class="num">{_e(step_range(f))}</td>{wall}<td>{_e(f.severity)}</td>'
-                   f"<td><code>{_e(f.signature)}</code></td><td><code>{_e(f.metric or '')}</code></td>"
-                   f"<td>{_e(f.summary)}</td><td>{bar}</td></tr>")
+        out.append(
+            f'<tr><td class="num">{_e(step_range(f))}</td>{wall}<td>{_e(f.severity)}</td>'
+            f"<td><code>{_e(f.signature)}</code></td><td><code>{_e(f.metric or '')}</code></td>"
+            f"<td>{_e(f.summary)}</td><td>{bar}</td></tr>"
+        )
     out.append("</tbody></table></div>")
     return out
 
@@ -154,16 +180,21 @@ def _timeline(sm: RunSummary) -> list[str]:
 def _finding(f: Finding, idx: int, j: int) -> list[str]:
     sev = _SEV_CLASS[f.severity]
     where = f" at step {step_range(f)}" if f.step is not None else ""
-    out = [f'<article class="finding sev-{sev}" id="finding-{idx}-{j}" data-signature="{_e(f.signature)}">',
-           f'<h4><span class="chip sev-bg-{sev}">{_e(f.severity)}</span><code>{_e(f.signature)}</code>{_e(where)}'
-           + (f' <span class="muted">on <code>{_e(f.metric)}</code></span>' if f.metric else "") + "</h4>",
-           f'<div class="summary">{_e(f.summary)}</div>']
+    out = [
+        f'<article class="finding sev-{sev}" id="finding-{idx}-{j}" data-signature="{_e(f.signature)}">',
+        f'<h4><span class="chip sev-bg-{sev}">{_e(f.severity)}</span><code>{_e(f.signature)}</code>{_e(where)}'
+        + (f' <span class="muted">on <code>{_e(f.metric)}</code></span>' if f.metric else "")
+        + "</h4>",
+        f'<div class="summary">{_e(f.summary)}</div>',
+    ]
     if f.cause:
         out.append(f"<div><b>Cause:</b> {_e(f.cause)}</div>")
     if f.fix:
         out.append(f"<div><b>Fix:</b> {_e(f.fix)}</div>")
     if f.evidence:
-        rows = "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items())
+        rows = "".join(
+            f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items()
+        )
         out.append(f"<details><summary>evidence ({len(f.evidence)} values)</summary><table>{rows}</table></details>")
     out.append("</article>")
     return out
@@ -176,7 +207,9 @@ def _replay(sm: RunSummary) -> list[str]:
     out = ["<h3>Replay</h3>", "<table><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>"]
     for f in found:
         ev = "<br>".join(f"<b>{_e(k)}</b>: <code>{_val(v)}</code>" for k, v in replay_evidence(f).items())
-        out.append(f"<tr><td><code>{_e(f.signature)}</code></td><td class='num'>{_e(step_range(f))}</td><td>{ev}</td></tr>")
+        out.append(
+            f"<tr><td><code>{_e(f.signature)}</code></td><td class='num'>{_e(step_range(f))}</td><td>{ev}</td></tr>"
+        )
     out.append("</tbody></table>")
     return out
 
@@ -188,20 +221,28 @@ def _config(sm: RunSummary) -> list[str]:
         return ["<h3>Config</h3>", '<p class="muted">no config found in the logs</p>']
     out = ["<h3>Config</h3>"]
     if cfg:
-        out.append("<table>" + "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>"
-                                        for k, v in cfg.items()) + "</table>")
+        out.append(
+            "<table>"
+            + "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in cfg.items())
+            + "</table>"
+        )
     if full:
         from autopsy.report.json import strict
 
         text = json.dumps(strict(full), indent=1, sort_keys=True, allow_nan=False)
-        out.append(f"<details><summary>full config ({len(full)} keys)</summary><pre class='mono'>{_e(text)}</pre></details>")
+        out.append(
+            f"<details><summary>full config ({len(full)} keys)</summary><pre class='mono'>{_e(text)}</pre></details>"
+        )
     return out
 
 
 def _sources(run: RunReport) -> list[str]:
-    out = ["<h3>Sources read</h3>", "<table>",
-           f"<tr><th>path</th><td class='mono'>{_e(display_path(run.path))}</td></tr>",
-           f"<tr><th>sources</th><td>{_e(', '.join(run.sources) or 'none')}</td></tr>"]
+    out = [
+        "<h3>Sources read</h3>",
+        "<table>",
+        f"<tr><th>path</th><td class='mono'>{_e(display_path(run.path))}</td></tr>",
+        f"<tr><th>sources</th><td>{_e(', '.join(run.sources) or 'none')}</td></tr>",
+    ]
     info = run.info
     files = list(getattr(info, "files", []) or []) if info is not None else []
     if files:
@@ -209,34 +250,52 @@ def _sources(run: RunReport) -> list[str]:
         out.append(f"<tr><th>files</th><td class='mono'>{items}</td></tr>")
     checkpoints = dict(getattr(info, "checkpoints", {}) or {}) if info is not None else {}
     if checkpoints:
-        out.append(f"<tr><th>checkpoints</th><td class='mono'>{_e(', '.join(str(s) for s in sorted(checkpoints)))}</td></tr>")
+        out.append(
+            f"<tr><th>checkpoints</th><td class='mono'>{_e(', '.join(str(s) for s in sorted(checkpoints)))}</td></tr>"
+        )
     out.append("</table>")
     damage = list(getattr(info, "damage", []) or []) if info is not None else []
     if damage:
-        out.append("<p class='damage'><b>Damaged input (salvaged what could be read):</b></p><table><thead><tr><th>file</th>"
-                   "<th>offset</th><th>problem</th><th>salvaged</th></tr></thead><tbody>")
-        out += [f"<tr><td class='mono'>{_e(d.file)}</td><td class='num'>{_e('' if d.offset is None else d.offset)}</td>"
-                f"<td>{_e(d.problem)}</td><td>{_e(d.salvaged)}</td></tr>" for d in damage]
+        out.append(
+            "<p class='damage'><b>Damaged input (salvaged what could be read):</b></p><table><thead><tr><th>file</th>"
+            "<th>offset</th><th>problem</th><th>salvaged</th></tr></thead><tbody>"
+        )
+        out += [
+            f"<tr><td class='mono'>{_e(d.file)}</td><td class='num'>{_e('' if d.offset is None else d.offset)}</td>"
+            f"<td>{_e(d.problem)}</td><td>{_e(d.salvaged)}</td></tr>"
+            for d in damage
+        ]
         out.append("</tbody></table>")
     notes = list(getattr(info, "notes", []) or []) if info is not None else []
     if notes:
         out.append("<p><b>Skipped while reading:</b></p><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
     if run.skipped:
-        out.append(f"<details><summary>detectors skipped ({len(run.skipped)})</summary><ul>"
-                   + "".join(f"<li><code>{_e(s.get('detector', ''))}</code>: {_e(s.get('reason', ''))}</li>" for s in run.skipped)
-                   + "</ul></details>")
+        out.append(
+            f"<details><summary>detectors skipped ({len(run.skipped)})</summary><ul>"
+            + "".join(
+                f"<li><code>{_e(s.get('detector', ''))}</code>: {_e(s.get('reason', ''))}</li>" for s in run.skipped
+            )
+            + "</ul></details>"
+        )
     if run.errors:
-        out.append("<p class='damage'><b>Detector errors:</b></p><ul>"
-                   + "".join(f"<li><code>{_e(x.get('detector', ''))}</code>: {_e(x.get('error', ''))}</li>" for x in run.errors)
-                   + "</ul>")
+        out.append(
+            "<p class='damage'><b>Detector errors:</b></p><ul>"
+            + "".join(
+                f"<li><code>{_e(x.get('detector', ''))}</code>: {_e(x.get('error', ''))}</li>" for x in run.errors
+            )
+            + "</ul>"
+        )
     return out
 
 
 def _comparison(fleet: FleetSummary) -> list[str]:
     rows = fleet.rows()
     cols = list(rows[0])
-    out = [f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table><thead><tr>'
-           + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+    out = [
+        f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table><thead><tr>'
+        + "".join(f"<th>{_e(c)}</th>" for c in cols)
+        + "</tr></thead><tbody>"
+    ]
     for i, r in enumerate(rows):
         cells = [f'<td><a href="#run-{i}">{_e(r["run"])}</a></td>'] + [f"<td>{_e(r[c])}</td>" for c in cols[1:]]
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -248,10 +307,16 @@ def render_html(report: Report, *, plots: bool = True, title: str | None = None)
     """The report as one self-contained HTML page (``plots=False`` leaves the figures out)."""
     names = ", ".join(r.run for r in report.runs) or "no run"
     worst = report.worst
-    head_status = "FAILED" if worst == Severity.CRITICAL else ("problems found" if worst is not None and worst >= Severity.WARNING else "healthy")
+    head_status = (
+        "FAILED"
+        if worst == Severity.CRITICAL
+        else ("problems found" if worst is not None and worst >= Severity.WARNING else "healthy")
+    )
     page_title = title or f"autopsy: {head_status}: {names}"
-    body: list[str] = ['<header class="top"><h1>autopsy report</h1>',
-                       f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>']
+    body: list[str] = [
+        '<header class="top"><h1>autopsy report</h1>',
+        f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>',
+    ]
     if not report.runs:
         body.append('<p class="muted">no run found</p>')
     fleet = summarize_fleet(report)
@@ -272,8 +337,11 @@ def render_html(report: Report, *, plots: bool = True, title: str | None = None)
         body += _config(sm)
         body += _sources(run)
         body.append("</section>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_e(page_title)}</title>\n<style>{_CSS}</style>\n</head>\n<body><main>\n"
-            + "\n".join(body) + "\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(page_title)}</title>\n<style>{_CSS}</style>\n</head>\n<body><main>\n"
+        + "\n".join(body)
+        + "\n</main></body></html>\n"
+    )

@@ -77,14 +77,26 @@ def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> l
         lines += _plots(run, idx, plots_dir, plots_link)
     findings = sm.findings
     if findings:
-        lines += ["### Timeline", "", "| step | wall time | severity | signature | metric | summary |", "|---:|---|---|---|---|---|"]
-        lines += [f"| {step_range(f)} | {format_wall(f.step, sm.walls)} | {f.severity} | `{f.signature}` | "
-                  f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |" for f in sm.timeline]
+        lines += [
+            "### Timeline",
+            "",
+            "| step | wall time | severity | signature | metric | summary |",
+            "|---:|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {step_range(f)} | {format_wall(f.step, sm.walls)} | {f.severity} | `{f.signature}` | "
+            f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |"
+            for f in sm.timeline
+        ]
         lines.append("")
         lines += ["### Findings", ""]
         for f in findings:
-            lines += [f"#### `{f.signature}` ({f.severity})" + (f" at step {step_range(f)}" if f.step is not None else ""), "",
-                      _cell(f.summary), ""]
+            lines += [
+                f"#### `{f.signature}` ({f.severity})" + (f" at step {step_range(f)}" if f.step is not None else ""),
+                "",
+                _cell(f.summary),
+                "",
+            ]
             if f.evidence:
                 lines += [f"- **Evidence:** {_cell(format_evidence(f, limit=30))}"]
             if f.cause:
@@ -95,8 +107,12 @@ def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> l
     replay = sm.replay
     if replay:
         lines += ["### Replay", "", "| signature | step | evidence |", "|---|---:|---|"]
-        lines += [f"| `{f.signature}` | {step_range(f)} | "
-                  + _cell("; ".join(f"{k}={format_value(v)}" for k, v in replay_evidence(f).items())) + " |" for f in replay]
+        lines += [
+            f"| `{f.signature}` | {step_range(f)} | "
+            + _cell("; ".join(f"{k}={format_value(v)}" for k, v in replay_evidence(f).items()))
+            + " |"
+            for f in replay
+        ]
         lines.append("")
     cfg = sm.config
     if cfg:
@@ -108,8 +124,11 @@ def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> l
     notes = list(getattr(info, "notes", []) or []) if info is not None else []
     if damage or notes:
         lines += ["### Sources read", ""]
-        lines += [f"- **damaged:** {_code(d.file)} at offset {d.offset}: {_cell(d.problem)}"
-                  + (f" (salvaged: {_cell(d.salvaged)})" if d.salvaged else "") for d in damage]
+        lines += [
+            f"- **damaged:** {_code(d.file)} at offset {d.offset}: {_cell(d.problem)}"
+            + (f" (salvaged: {_cell(d.salvaged)})" if d.salvaged else "")
+            for d in damage
+        ]
         lines += [f"- skipped: {_cell(n)}" for n in notes]
         lines.append("")
     if run.skipped:
@@ -117,7 +136,9 @@ def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> l
         lines += [f"- {_cell(s.get('detector', ''))}: {_cell(s.get('reason', ''))}" for s in run.skipped]
         lines += ["", "</details>", ""]
     if run.errors:
-        lines += [f"- **detector error:** {_cell(e.get('detector', ''))}: {_cell(e.get('error', ''))}" for e in run.errors] + [""]
+        lines += [
+            f"- **detector error:** {_cell(e.get('detector', ''))}: {_cell(e.get('error', ''))}" for e in run.errors
+        ] + [""]
     return lines
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,12 @@ __all__ = ["Plot", "downsample_minmax", "grad_norm_threshold", "run_plots"]
 
 # one pixel column per step at most: a 9-inch figure at 100 dpi is ~900 columns wide
 _COLUMNS = 1000
-_SEV_COLOR = {Severity.CRITICAL: "#b00020", Severity.ERROR: "#d9480f", Severity.WARNING: "#b08800", Severity.INFO: "#1c7ed6"}
+_SEV_COLOR = {
+    Severity.CRITICAL: "#b00020",
+    Severity.ERROR: "#d9480f",
+    Severity.WARNING: "#b08800",
+    Severity.INFO: "#1c7ed6",
+}
 _SERIES_COLORS = ("#1f5fbf", "#e8590c", "#2b8a3e", "#862e9c", "#c92a2a", "#495057")
 
 
@@ -115,20 +121,39 @@ class _Canvas:
     def line(self, s: pd.Series, *, label: str, color: str, marker: bool) -> None:
         x, y = downsample_minmax(s.index.to_numpy(), s.to_numpy())
         if len(x):
-            self.ax.plot(x, y, color=color, linewidth=1.3, label=label, marker="o" if marker and len(x) <= 60 else None,
-                         markersize=3.5)
+            self.ax.plot(
+                x,
+                y,
+                color=color,
+                linewidth=1.3,
+                label=label,
+                marker="o" if marker and len(x) <= 60 else None,
+                markersize=3.5,
+            )
         v = s.to_numpy()
         bad = ~np.isfinite(v)
         if bad.any():
             steps = s.index.to_numpy()
-            for mask, text, where in ((np.isnan(v), "NaN", 0.97), (np.isposinf(v), "+inf", 0.97), (np.isneginf(v), "-inf", 0.03)):
+            for mask, text, where in (
+                (np.isnan(v), "NaN", 0.97),
+                (np.isposinf(v), "+inf", 0.97),
+                (np.isneginf(v), "-inf", 0.03),
+            ):
                 if not mask.any():
                     continue
                 xs = _thin_steps(steps[mask])
                 # blended transform: x in data, y in axes fraction -> markers pinned to the top (bottom for -inf)
-                self.ax.scatter(xs, np.full(len(xs), where), transform=self.ax.get_xaxis_transform(), marker="X", s=42,
-                                color="#b00020", zorder=5, clip_on=False,
-                                label=f"{label} {text} ({int(mask.sum())} pts)")
+                self.ax.scatter(
+                    xs,
+                    np.full(len(xs), where),
+                    transform=self.ax.get_xaxis_transform(),
+                    marker="X",
+                    s=42,
+                    color="#b00020",
+                    zorder=5,
+                    clip_on=False,
+                    label=f"{label} {text} ({int(mask.sum())} pts)",
+                )
                 first = int(steps[mask][0])
                 self.notes.append(f"{label}: first {text} at step {first} ({int(mask.sum())} points)")
 
@@ -137,9 +162,19 @@ class _Canvas:
         # stagger labels so several findings stay readable
         y = 0.90 - 0.13 * (self._top_labels % 4)
         self._top_labels += 1
-        self.ax.annotate(text, xy=(step, y), xycoords=self.ax.get_xaxis_transform(), xytext=(4, 0),
-                         textcoords="offset points", fontsize=9, color=color, fontweight="bold", va="center",
-                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.9}, zorder=6)
+        self.ax.annotate(
+            text,
+            xy=(step, y),
+            xycoords=self.ax.get_xaxis_transform(),
+            xytext=(4, 0),
+            textcoords="offset points",
+            fontsize=9,
+            color=color,
+            fontweight="bold",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.9},
+            zorder=6,
+        )
         self.notes.append(text)
 
     def span(self, start: float, end: float, color: str) -> None:
@@ -166,12 +201,14 @@ def _finding_marks(canvas: _Canvas, findings: list[Finding], metrics: set[str], 
             continue
         by_step.setdefault(int(f.step), []).append(f)
     for step in sorted(by_step):
-        group = sorted(by_step[step], key=lambda f: -int(f.severity))  # stable: the report's own order within a severity
+        group = sorted(
+            by_step[step], key=lambda f: -int(f.severity)
+        )  # stable: the report's own order within a severity
         names = list(dict.fromkeys(f.signature for f in group))
         color = _SEV_COLOR[group[0].severity]
         canvas.vline(step, f"{', '.join(names)} @ {step}", color)
         for f in group:
-            if f.metric in metrics and f.end_step is not None and f.end_step > f.step:
+            if f.metric in metrics and f.step is not None and f.end_step is not None and f.end_step > f.step:
                 canvas.span(f.step, f.end_step, color)
 
 
@@ -194,8 +231,16 @@ def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height:
             z = s[(s.index >= f.step) & (s.index <= end) & (s == 0.0)]
             if len(z):
                 xs = _thin_steps(z.index.to_numpy())
-                c.ax.scatter(xs, np.zeros(len(xs)), marker="o", s=22, facecolors="none", edgecolors="#b00020", zorder=5,
-                             label=f"{f.metric} == 0.0 ({len(z)} pts)")
+                c.ax.scatter(
+                    xs,
+                    np.zeros(len(xs)),
+                    marker="o",
+                    s=22,
+                    facecolors="none",
+                    edgecolors="#b00020",
+                    zorder=5,
+                    label=f"{f.metric} == 0.0 ({len(z)} pts)",
+                )
                 c.notes.append(f"{f.metric} exactly 0.0 on {len(z)} points from step {int(z.index[0])}")
     for m in metrics:
         if not m.startswith("eval/"):
@@ -204,8 +249,15 @@ def _loss_plot(run: RunReport, findings: list[Finding], *, width: float, height:
         fin = s[np.isfinite(s.to_numpy())]
         if len(fin) >= 2:
             best = int(fin.idxmin())
-            c.ax.scatter([best], [fin.loc[best]], marker="*", s=160, color="#2b8a3e", zorder=6,
-                         label=f"best {m} {_fmt_num(float(fin.loc[best]))} @ {best}")
+            c.ax.scatter(
+                [best],
+                [fin.loc[best]],
+                marker="*",
+                s=160,
+                color="#2b8a3e",
+                zorder=6,
+                label=f"best {m} {_fmt_num(float(fin.loc[best]))} @ {best}",
+            )
             c.notes.append(f"best {m} {_fmt_num(float(fin.loc[best]))} at step {best}")
     _finding_marks(c, findings, set(metrics), max_step=None)
     return Plot("loss", "loss (train / eval)", fmt, c.render(fmt), tuple(c.notes))
@@ -244,7 +296,7 @@ def _lr_plot(run: RunReport, findings: list[Finding], *, width: float, height: f
     c.ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     try:
         warm = warmup_end_step(run.info, s)
-    except Exception:  # noqa: BLE001 - an annotation never breaks the report
+    except Exception:
         warm = None
     if warm:
         c.ax.axvline(warm, color="#495057", linestyle="-.", linewidth=1.1, label=f"warmup end @ {warm}")
@@ -259,8 +311,14 @@ def run_plots(run: RunReport, *, fmt: str = "svg", width: float = 9.0, height: f
         return []
     import matplotlib  # Figure + savefig draw with Agg/SVG directly: no pyplot, no global backend switch
 
-    rc = {"svg.hashsalt": "autopsy", "svg.fonttype": "none", "font.size": 10, "axes.titlesize": 12,
-          "font.family": "DejaVu Sans", "path.simplify": True}
+    rc: Any = {
+        "svg.hashsalt": "autopsy",
+        "svg.fonttype": "none",
+        "font.size": 10,
+        "axes.titlesize": 12,
+        "font.family": "DejaVu Sans",
+        "path.simplify": True,
+    }
     findings = run.sorted_findings()
     out: list[Plot] = []
     with matplotlib.rc_context(rc):

@@ -22,13 +22,34 @@ from autopsy.signatures import SIGNATURES
 __all__ = ["KEY_CONFIG", "STATUSES", "FleetSummary", "RunSummary", "display_path", "summarize", "summarize_fleet"]
 
 # status id -> the word a person reads
-STATUSES = {"failed": "FAILED", "unhealthy": "unhealthy", "worth_a_look": "worth a look", "healthy": "healthy",
-            "no_data": "no data"}
+STATUSES = {
+    "failed": "FAILED",
+    "unhealthy": "unhealthy",
+    "worth_a_look": "worth a look",
+    "healthy": "healthy",
+    "no_data": "no data",
+}
 _BY_SEVERITY = {Severity.CRITICAL: "failed", Severity.ERROR: "unhealthy", Severity.WARNING: "worth_a_look"}
 
-KEY_CONFIG = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "fp16", "bf16",
-              "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-              "logging_steps", "eval_steps", "save_steps", "logging_nan_inf_filter", "optim", "weight_decay")
+KEY_CONFIG = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "fp16",
+    "bf16",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "logging_nan_inf_filter",
+    "optim",
+    "weight_decay",
+)
 
 
 @dataclass
@@ -60,8 +81,11 @@ class RunSummary:
     def verdict(self) -> str:
         """One line: did the run fail, and how."""
         if self.lead is None:
-            return ("no training metrics: cannot judge" if self.status == "no_data"
-                    else "healthy: nothing at warning or above")
+            return (
+                "no training metrics: cannot judge"
+                if self.status == "no_data"
+                else "healthy: nothing at warning or above"
+            )
         where = f" at step {self.lead.step}" if self.lead.step is not None else ""
         return f"{self.word}: {self.lead.signature}{where}: {self.lead.summary}"
 
@@ -72,14 +96,19 @@ class RunSummary:
 
     @property
     def replay(self) -> list[Finding]:
-        return [f for f in self.findings if SIGNATURES.get(f.signature) is not None and SIGNATURES[f.signature].kind == "replay"]
+        return [
+            f
+            for f in self.findings
+            if SIGNATURES.get(f.signature) is not None and SIGNATURES[f.signature].kind == "replay"
+        ]
 
 
 def _has_data(run: RunReport) -> bool:
     if run.frame is not None and len(run.frame):
         return True
     return any(f.signature in SIGNATURES and SIGNATURES[f.signature].kind == "replay" for f in run.findings) or (
-        run.info is not None and run.info.crash is not None)
+        run.info is not None and run.info.crash is not None
+    )
 
 
 def _restart(run: RunReport, lead: Finding | None) -> str | None:
@@ -134,7 +163,9 @@ def _config(run: RunReport) -> dict[str, Any]:
     out = {k: cfg[k] for k in KEY_CONFIG if k in cfg and cfg[k] is not None}
     model = cfg.get("model")
     if isinstance(model, dict) and model:
-        parts = [f"{k}={model[k]}" for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k in model]
+        parts = [
+            f"{k}={model[k]}" for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k in model
+        ]
         if parts:
             out["model"] = ", ".join(parts)
     return out
@@ -149,10 +180,19 @@ def summarize(run: RunReport) -> RunSummary:
     else:
         status = "healthy" if _has_data(run) else "no_data"
     info = run.info
-    return RunSummary(run=run, status=status, lead=lead, restart=_restart(run, lead), last_step=_last_step(run),
-                      max_steps=info.max_steps if info is not None else None, walls=_walls(run), findings=findings,
-                      config=_config(run), final_train_loss=_last_finite(run.frame, "train/loss", "last"),
-                      best_eval_loss=_last_finite(run.frame, "eval/loss", "min"))
+    return RunSummary(
+        run=run,
+        status=status,
+        lead=lead,
+        restart=_restart(run, lead),
+        last_step=_last_step(run),
+        max_steps=info.max_steps if info is not None else None,
+        walls=_walls(run),
+        findings=findings,
+        config=_config(run),
+        final_train_loss=_last_finite(run.frame, "train/loss", "last"),
+        best_eval_loss=_last_finite(run.frame, "eval/loss", "min"),
+    )
 
 
 @dataclass
@@ -179,16 +219,18 @@ class FleetSummary:
         """One row per run: run, status, lead signature, first bad step, last step, restart."""
         out = []
         for r in self.runs:
-            out.append({
-                "run": r.run.run,
-                "status": r.word,
-                "lead": r.lead.signature if r.lead is not None else "",
-                "first bad step": "" if r.first_bad_step is None else str(r.first_bad_step),
-                "last step": "" if r.last_step is None else str(r.last_step),
-                "final train loss": "" if r.final_train_loss is None else f"{r.final_train_loss:.4g}",
-                "best eval loss": "" if r.best_eval_loss is None else f"{r.best_eval_loss:.4g}",
-                "restart": r.restart or "",
-            })
+            out.append(
+                {
+                    "run": r.run.run,
+                    "status": r.word,
+                    "lead": r.lead.signature if r.lead is not None else "",
+                    "first bad step": "" if r.first_bad_step is None else str(r.first_bad_step),
+                    "last step": "" if r.last_step is None else str(r.last_step),
+                    "final train loss": "" if r.final_train_loss is None else f"{r.final_train_loss:.4g}",
+                    "best eval loss": "" if r.best_eval_loss is None else f"{r.best_eval_loss:.4g}",
+                    "restart": r.restart or "",
+                }
+            )
         return out
 
 
