@@ -9,6 +9,8 @@ import autopsy
 from autopsy.runinfo import run_info
 from autopsy.series import series
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # a real Trainer run with the callback
+
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):

@@ -92,6 +92,8 @@ def test_out_file_and_version(nan_run, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("autopsy ")
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_fresh_trainer_run_end_to_end(fresh_nan_run):
     """The acceptance on a run trained now by the real HF Trainer (logging_steps=1, defaults otherwise)."""
     r = autopsy_cli("analyze", fresh_nan_run, "--format", "json", "--fail-on", "error")

@@ -50,6 +50,8 @@ def trainer_console(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return log, out
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_real_trainer_console_matches_trainer_state(trainer_console):
     log, out = trainer_console
     text = log.read_text()

@@ -7,6 +7,7 @@ import pytest
 from autopsy import analyze
 from autopsy.findings import Severity
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # runs a model: CPU-dependent numerics
 
 @pytest.fixture(scope="session")
 def trainer_runs(tmp_path_factory):

@@ -13,6 +13,8 @@ import pytest
 
 from helpers.paths import REPO
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # runs a model: CPU-dependent numerics
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # runs a model: CPU-dependent numerics
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 

@@ -314,6 +314,8 @@ def hf_wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_real_trainer_wandb_callback(hf_wandb_run: Path) -> None:
     frame = read_files("wandb", [_log_file(hf_wandb_run)], run="hf")
     info = run_info(frame, "hf")

@@ -26,12 +26,8 @@ with its runs attached.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
-import pkgutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pandas as pd
@@ -40,6 +36,7 @@ from autopsy.checkpoints import check_run_checkpoints
 from autopsy.errors import AutopsyError, InputError, UsageError
 from autopsy.frame import concat_frames, empty_frame, merge_sources
 from autopsy.importers._base import ENGINES, Imported, ReadOptions
+from autopsy.importers._registry import importer, importers, priorities
 from autopsy.runinfo import Damage, RunInfo, attach_runs, catalog
 from autopsy.series import first_nonfinite_step
 
@@ -54,41 +51,6 @@ __all__ = [
     "priorities",
     "read_files",
 ]
-
-
-@functools.cache
-def importers() -> tuple[ModuleType, ...]:
-    """The importer modules, in claim order (PRIORITY, then KIND)."""
-    found = []
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name.startswith("_") or mod.name == "discover":
-            continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
-        if hasattr(module, "KIND"):
-            for attr in ("PRIORITY", "claims", "read"):
-                if not hasattr(module, attr):
-                    raise TypeError(f"importer {module.__name__} declares KIND but no {attr}")
-            found.append(module)
-    kinds = [m.KIND for m in found]
-    dup = {k for k in kinds if kinds.count(k) > 1}
-    if dup:
-        raise TypeError(f"importer kind(s) declared twice: {', '.join(sorted(dup))}")
-    return tuple(sorted(found, key=lambda m: (m.PRIORITY, m.KIND)))
-
-
-def importer(kind: str) -> ModuleType:
-    for module in importers():
-        if kind == module.KIND:
-            return module
-    raise KeyError(kind)
-
-
-def priorities() -> dict[str, int]:
-    """Source name -> its priority when sources tie (each importer's SOURCE, default its KIND)."""
-    out: dict[str, int] = {}
-    for m in importers():
-        out.setdefault(getattr(m, "SOURCE", m.KIND), m.PRIORITY)
-    return out
 
 
 def load_run(files: Any, *, options: ReadOptions | None = None) -> Imported:

@@ -19,6 +19,7 @@ from types import ModuleType
 
 from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import InputError
+from autopsy.importers._registry import importer, importers
 
 __all__ = ["RunFiles", "find_runs", "kind_of"]
 
@@ -45,8 +46,6 @@ class RunFiles:
 def kind_of(path: Path) -> tuple[ModuleType, int] | None:
     """The importer that claims ``path`` and how strongly (2: sure, 1: maybe; -1: a file it knows is no log, which
     nobody reads), or None."""
-    from autopsy.importers import importers
-
     for module in importers():
         strength = int(module.claims(path))
         if strength:
@@ -101,8 +100,6 @@ def default_root(path: Path, base: Path) -> Path:
 
 def _single_file(p: Path) -> list[RunFiles]:
     found = kind_of(p)
-    from autopsy.importers import importer
-
     module = found[0] if found else importer("console")
     run = RunFiles(name=_name_for_file(p, module.KIND), root=p.parent)
     run.add(module.KIND, p)
@@ -114,8 +111,6 @@ def _single_file(p: Path) -> list[RunFiles]:
 
 def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
     """The runs under ``path`` with their files. Raises :class:`InputError` when there is nothing to read."""
-    from autopsy.importers import importers
-
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file or directory: {p}")
