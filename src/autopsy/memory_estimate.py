@@ -12,9 +12,11 @@ are the peak. The numbers are estimates (within ~30%): they say which knob buys 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["estimate_training_memory", "estimate_from_config"]
+__all__ = ["estimate_from_config", "estimate_training_memory", "model_config", "param_counts", "seq_len_of"]
 
 GIB = float(1 << 30)
 
@@ -37,6 +39,49 @@ def _params(
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q,o + k,v + gated MLP + norms
     embed = vocab_size * h * (1 if tie_word_embeddings else 2)
     return num_hidden_layers * per_layer + embed + h
+
+
+def _activations(hidden: int, layers: int, vocab: int, b: int, s: int, ckpt: bool) -> float:
+    """GiB of activations of a batch of ``b`` sequences of ``s`` tokens (with checkpointing: each layer's input, one
+    layer's activations while it is recomputed), plus the logits (16-bit and a float32 copy for the loss)."""
+    layer = 34.0 * s * b * hidden
+    logits = b * s * vocab * (2.0 + 4.0)
+    if ckpt:
+        return (layers * 2.0 * s * b * hidden + layer + logits) / GIB
+    return (layers * layer + logits) / GIB
+
+
+def _knobs(
+    acts: Callable[[int, int, bool], float],
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    adapters: bool,
+    weight_bytes: float,
+    *,
+    p_total: int,
+    p_train: int,
+    grads: float,
+    optim: float,
+    weights: float,
+) -> dict[str, float]:
+    """GiB each knob would save."""
+    act = acts(batch_size, seq_len, gradient_checkpointing)
+    knobs: dict[str, float] = {}
+    if batch_size > 1:
+        knobs["halve per-device batch size (double gradient_accumulation_steps)"] = act - acts(
+            max(batch_size // 2, 1), seq_len, gradient_checkpointing
+        )
+    if seq_len > 1:
+        knobs["halve the sequence length"] = act - acts(batch_size, max(seq_len // 2, 1), gradient_checkpointing)
+    if not gradient_checkpointing:
+        knobs["gradient_checkpointing=True"] = act - acts(batch_size, seq_len, True)
+    if not adapters:
+        knobs["LoRA adapters instead of full fine-tuning"] = grads + optim - (p_total * 0.01) * (4 + 12) / GIB
+        knobs["8-bit optimizer (bitsandbytes AdamW8bit)"] = optim - p_train * 6.0 / GIB
+    if weight_bytes > 0.5:
+        knobs["4-bit base weights (QLoRA)"] = weights - p_total * 0.5 / GIB
+    return knobs
 
 
 def estimate_training_memory(
@@ -82,30 +127,23 @@ def estimate_training_memory(
     grads = p_train * (2.0 if not adapters else 4.0) / GIB
     optim = p_train * optimizer_bytes_per_param / GIB
 
-    def acts(b: int, s: int, ckpt: bool) -> float:
-        layer = 34.0 * s * b * hidden_size
-        logits = b * s * vocab_size * (2.0 + 4.0)
-        if ckpt:
-            return (num_hidden_layers * 2.0 * s * b * hidden_size + layer + logits) / GIB
-        return (num_hidden_layers * layer + logits) / GIB
-
+    acts = functools.partial(_activations, hidden_size, num_hidden_layers, vocab_size)
     static = weights + adapter_w + grads + optim
     act = acts(batch_size, seq_len, gradient_checkpointing)
     total = static + act
-    knobs: dict[str, float] = {}
-    if batch_size > 1:
-        knobs["halve per-device batch size (double gradient_accumulation_steps)"] = act - acts(
-            max(batch_size // 2, 1), seq_len, gradient_checkpointing
-        )
-    if seq_len > 1:
-        knobs["halve the sequence length"] = act - acts(batch_size, max(seq_len // 2, 1), gradient_checkpointing)
-    if not gradient_checkpointing:
-        knobs["gradient_checkpointing=True"] = act - acts(batch_size, seq_len, True)
-    if not adapters:
-        knobs["LoRA adapters instead of full fine-tuning"] = grads + optim - (p_total * 0.01) * (4 + 12) / GIB
-        knobs["8-bit optimizer (bitsandbytes AdamW8bit)"] = optim - p_train * 6.0 / GIB
-    if weight_bytes > 0.5:
-        knobs["4-bit base weights (QLoRA)"] = weights - p_total * 0.5 / GIB
+    knobs = _knobs(
+        acts,
+        batch_size,
+        seq_len,
+        gradient_checkpointing,
+        adapters,
+        weight_bytes,
+        p_total=p_total,
+        p_train=p_train,
+        grads=grads,
+        optim=optim,
+        weights=weights,
+    )
     best = max(knobs, key=knobs.get) if knobs else None  # type: ignore[arg-type]
     out: dict[str, Any] = {
         "params": p_total,
@@ -123,37 +161,113 @@ def estimate_training_memory(
         "savings_gib": {k: round(v, 2) for k, v in sorted(knobs.items(), key=lambda kv: -kv[1])},
         "best_knob": best,
         "assumes": "fused attention (no score matrix), AdamW, 16-bit activations",
+        **({"gpu_total_gib": gpu_total_gib} if gpu_total_gib else {}),
     }
-    if gpu_total_gib:
-        out["gpu_total_gib"] = gpu_total_gib
+    return out
+
+
+_SEQ_KEYS = ("max_seq_length", "max_length", "cutoff_len", "sequence_len", "seq_length", "model_max_length")
+# PEFT's default LoRA targets for Llama-style models when the adapter config names none
+_DEFAULT_TARGETS = ("q_proj", "v_proj")
+_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's sizes: ``config["model"]`` (config.json beside the run), else the config itself when the sizes
+    sit at its top level (HF's W&B callback logs the model config and the arguments as one flat dict)."""
+    need = ("hidden_size", "num_hidden_layers", "vocab_size")
+    for cand in (config.get("model"), config):
+        if isinstance(cand, dict) and all(isinstance(cand.get(k), int) and cand[k] > 0 for k in need):
+            return cand
+    return None
+
+
+def seq_len_of(config: dict[str, Any]) -> int | None:
+    """The training sequence length the config names (HF's generation default ``max_length=20`` is not one)."""
+    for key in _SEQ_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and not (key == "max_length" and v == 20):
+            return v
+    return None
+
+
+def _adapter(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The LoRA adapter's settings: adapter_config.json, HF's ``peft_config`` ({name: settings}) or flat ``lora_r``."""
+    adapter = config.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("r"):
+        return adapter
+    peft = config.get("peft_config")
+    if isinstance(peft, dict):
+        inner = peft if peft.get("r") else next((v for v in peft.values() if isinstance(v, dict) and v.get("r")), None)
+        if inner:
+            return inner
+    r = config.get("lora_r") or config.get("lora_rank")
+    if isinstance(r, int) and r > 0:
+        return {"r": r, "target_modules": config.get("lora_target_modules")}
+    return None
+
+
+def _lora_params(model: dict[str, Any], adapter: dict[str, Any]) -> int:
+    """r x (in + out) for every targeted matrix of every layer (q/o: h->h, k/v: h->kv, MLP: h<->intermediate)."""
+    h = int(model["hidden_size"])
+    inter = int(model.get("intermediate_size") or 4 * h)
+    kv = h
+    if model.get("num_attention_heads") and model.get("num_key_value_heads"):
+        kv = h * int(model["num_key_value_heads"]) // int(model["num_attention_heads"])
+    dims = {"q_proj": 2 * h, "o_proj": 2 * h, "k_proj": h + kv, "v_proj": h + kv}
+    dims.update({"gate_proj": h + inter, "up_proj": h + inter, "down_proj": h + inter})
+    targets = adapter.get("target_modules") or _DEFAULT_TARGETS
+    if isinstance(targets, str):
+        targets = _ALL_LINEAR if targets in ("all-linear", "all_linear") else (targets,)
+    per_layer = sum(dims.get(str(t).rsplit(".", 1)[-1], 2 * h) for t in targets)
+    return int(adapter["r"]) * per_layer * int(model["num_hidden_layers"])
+
+
+def param_counts(config: dict[str, Any]) -> dict[str, Any] | None:
+    """``params``, ``trainable``, ``embedding`` (the input lookup), ``layers``, ``hidden``, ``lora`` from the config:
+    printed counts (PEFT's ``trainable params: X || all params: Y``) first, else the model's sizes and the adapter's
+    rank and targets. None when neither is known."""
+    model = model_config(config)
+    adapter = _adapter(config)
+    total = config.get("total_params") if isinstance(config.get("total_params"), int) else None
+    trainable = config.get("trainable_params") if isinstance(config.get("trainable_params"), int) else None
+    if total is None:
+        if model is None:
+            return None
+        total = _params(
+            hidden_size=model["hidden_size"],
+            num_hidden_layers=model["num_hidden_layers"],
+            vocab_size=model["vocab_size"],
+            intermediate_size=model.get("intermediate_size"),
+            num_attention_heads=model.get("num_attention_heads"),
+            num_key_value_heads=model.get("num_key_value_heads"),
+            tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
+        )
+    if trainable is None:
+        trainable = _lora_params(model, adapter) if (adapter and model is not None) else total
+    out: dict[str, Any] = {"params": int(total), "trainable": int(trainable), "lora": int(trainable) < int(total)}
+    if model is not None:
+        tied = bool(model.get("tie_word_embeddings", False))
+        # an untied input embedding is a lookup; a tied one is also the output head's matmul
+        out.update(
+            embedding=0 if tied else int(model["vocab_size"]) * int(model["hidden_size"]),
+            layers=int(model["num_hidden_layers"]),
+            hidden=int(model["hidden_size"]),
+        )
     return out
 
 
 def estimate_from_config(config: dict[str, Any], *, gpu_total_gib: float | None = None) -> dict[str, Any] | None:
-    """The estimate from a run's config (``config["model"]`` sizes, batch size, sequence length); None when unknown."""
-    model = config.get("model") or {}
-    need = ("hidden_size", "num_hidden_layers", "vocab_size")
-    if not all(isinstance(model.get(k), int) for k in need):
-        return None
+    """The estimate from a run's config (the model's sizes, batch size, sequence length); None when unknown."""
+    model = model_config(config)
     batch = config.get("per_device_train_batch_size")
-    seq = next(
-        (
-            config[k]
-            for k in ("max_seq_length", "max_length", "cutoff_len", "sequence_len", "seq_length", "model_max_length")
-            if isinstance(config.get(k), int) and config[k] > 0
-        ),
-        None,
-    )
-    if not isinstance(batch, int) or seq is None:
+    seq = seq_len_of(config)
+    if model is None or not isinstance(batch, int) or seq is None:
         return None
     dtype = str(model.get("torch_dtype") or model.get("dtype") or "")
     wb = 4.0 if "float32" in dtype and not (config.get("bf16") or config.get("fp16")) else 2.0
-    adapter = config.get("adapter") or {}
-    trainable = config.get("trainable_params") if isinstance(config.get("trainable_params"), int) else None
-    if trainable is None and adapter.get("r"):
-        # LoRA on the attention projections: r * (in + out) per targeted matrix, 4 per layer by default
-        n_targets = len(adapter.get("target_modules") or [None] * 4)
-        trainable = int(adapter["r"]) * 2 * model["hidden_size"] * n_targets * model["num_hidden_layers"]
+    counts = param_counts(config) or {}
+    trainable = counts.get("trainable") if counts.get("lora") else None
     return estimate_training_memory(
         hidden_size=model["hidden_size"],
         num_hidden_layers=model["num_hidden_layers"],

@@ -29,6 +29,10 @@ METRIC_ALIASES: dict[str, str] = {
     "loss/train": "train/loss",
     "lm_loss": "train/loss",  # Megatron "lm loss"
     "loss_train": "train/loss",  # LitGPT "loss train: X"
+    "average_loss": "train/loss",
+    "avg_loss": "train/loss",
+    "mean_loss": "train/loss",
+    "epoch_loss": "train/loss",  # Keras' TensorBoard callback (per epoch)
     # gradient norm (HF logs the pre-clip norm)
     "grad_norm": "train/grad_norm",
     "train/grad_norm": "train/grad_norm",
@@ -68,12 +72,18 @@ METRIC_ALIASES: dict[str, str] = {
     "loss/val": "eval/loss",
     "loss/eval": "eval/loss",
     "val_loss_epoch": "eval/loss",
+    "test_loss": "eval/loss",  # a custom loop's held-out set, printed during training
     # mixed precision
     "loss_scale": "train/loss_scale",
     "train/loss_scale": "train/loss_scale",
     "scaler/scale": "train/loss_scale",
     "loss-scale": "train/loss_scale",
     "grad_scale": "train/loss_scale",
+    # steps whose update was skipped (fp16 overflow, a non-finite batch): a running count
+    "skipped": "train/skipped_steps",
+    "skipped_steps": "train/skipped_steps",
+    "skipped_iterations": "train/skipped_steps",
+    "number_of_skipped_iterations": "train/skipped_steps",  # Megatron
     # throughput and memory
     "tokens_per_second": "train/tokens_per_second",
     "train/tokens_per_second": "train/tokens_per_second",
@@ -85,14 +95,38 @@ METRIC_ALIASES: dict[str, str] = {
     "max_memory_allocated": "train/memory_allocated",
     "gpu_mem": "train/memory_allocated",
     "memory": "train/memory_allocated",
+    "tokens_per_sec": "train/tokens_per_second",
+    "tokens/sec": "train/tokens_per_second",
+    "tok/s": "train/tokens_per_second",
+    "train_tokens_per_second": "train/tokens_per_second",  # HF, every log with include_num_input_tokens_seen
+    "train/train_tokens_per_second": "train/tokens_per_second",
+    "tokens_per_second_per_gpu": "train/tokens_per_second_per_gpu",  # torchtune
+    "samples_per_second": "train/samples_per_second",
+    "num_input_tokens_seen": "train/num_tokens",  # HF include_num_input_tokens_seen (all ranks)
+    "train/num_input_tokens_seen": "train/num_tokens",
+    "mfu": "train/mfu",  # nanoGPT prints it in percent
+    "memory(gib)": "train/memory_gib",  # ms-swift
+    "peak_memory_alloc": "train/memory_gib",  # torchtune (GiB)
+    "time": "train/iter_time",  # mmengine/detectron2: seconds per iteration
+    "train_speed(s/it)": "train/iter_time",  # ms-swift
+    "data_time": "train/data_time",  # mmengine: seconds of each iteration spent waiting for data
     # accuracy
     "accuracy": "train/accuracy",
+    "epoch_accuracy": "train/accuracy",
     "eval_accuracy": "eval/accuracy",
+    "eval_acc": "eval/accuracy",
     "val_acc": "eval/accuracy",
     "val_accuracy": "eval/accuracy",
+    "valid_acc": "eval/accuracy",
+    "valid_accuracy": "eval/accuracy",
+    "validation_accuracy": "eval/accuracy",
+    "test_acc": "eval/accuracy",
+    "test_accuracy": "eval/accuracy",
 }
 
 _EVAL_SET_LOSS = re.compile(r"^eval/(?P<set>.+?)[_/]loss$")
+# W&B flattens nested dicts with dots: {"train": {"loss": x}} is logged as "train.loss"
+_DOTTED = re.compile(r"^(?P<ns>train|training|eval|val|valid|validation|test)\.(?P<rest>.+)$", re.IGNORECASE)
 _NAMESPACES = ("train/", "eval/", "test/", "system/")
 
 
@@ -109,6 +143,9 @@ def canonical_metric(raw: str, *, hf_flat: bool = False) -> str:
     low = name.lower()
     if low in METRIC_ALIASES:
         return METRIC_ALIASES[low]
+    dotted = _DOTTED.match(name)
+    if dotted:
+        return canonical_metric(f"{dotted.group('ns')}/{dotted.group('rest')}", hf_flat=hf_flat)
     if hf_flat:
         if low.startswith("eval_"):
             name = "eval/" + name[5:]

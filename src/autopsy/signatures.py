@@ -26,7 +26,8 @@ __all__ = [
 class Signature:
     """One failure signature.
 
-    ``kind``: ``"log"`` (found in the logs by ``analyze``) or ``"replay"`` (found by reloading a checkpoint).
+    ``kind``: ``"log"`` (found in the logs by ``analyze``), ``"replay"`` (found by reloading a checkpoint) or
+    ``"fleet"`` (found across the runs of a fleet: ``autopsy.fleet``).
     ``lead``: among findings of the same severity and step, the lower rank leads the report (the root of the
     failure before its symptoms: a NaN grad norm explains the 0.0 loss HF's NaN filter logs at the same step).
     ``nonfinite``: a non-finite event in the logs; ``precursor``: a finding at or before the first non-finite
@@ -65,6 +66,10 @@ _TABLE = (
     Signature("epoch_boundary_drop", "the train loss steps down at each epoch start: memorization"),
     Signature("throughput_drop", "tokens/s halves"),
     Signature("memory_growth", "memory climbs step over step"),
+    Signature("memory_headroom", "GPU memory above 90% of the card, or an out-of-memory crash with its numbers"),
+    Signature("rank_imbalance", "one GPU's memory or utilisation diverges from the other ranks'"),
+    Signature("input_bound", "the GPUs wait for data: low utilisation or a data loader that takes most of each step"),
+    Signature("low_mfu", "model FLOPs utilisation far below the usual range for the kind of run"),
     Signature("sparse_eval", "too few eval points to see overfitting in time"),
     Signature("config_risk", "a setting that makes a failure likely or hides one"),
     Signature("insufficient_data", "too few points to judge"),
@@ -76,8 +81,21 @@ _TABLE = (
         kind="replay",
         lead=1,
     ),
-    Signature("bad_batch", "the batch itself is broken", kind="replay", lead=3),
+    Signature("bad_batch", "the batch itself is broken", kind="replay", lead=0),
+    Signature(
+        "grad_norm_overflow",
+        "every gradient element is finite but the float32 gradient norm overflows",
+        kind="replay",
+        lead=1,
+    ),
     Signature("replay_not_reproduced", "the batch runs clean from this checkpoint", kind="replay"),
+    Signature("degenerate_output", "a checkpoint's greedy generations are empty, loop or come from NaN logits", kind="replay", lead=3),
+    Signature("generation_ok", "a checkpoint's greedy generations look sound", kind="replay"),
+    # found by a side door (no logs needed), like replay: the report treats both alike
+    Signature("data_issue", "the dataset holds rows that cannot train as meant", kind="replay", lead=3),
+    Signature("data_summary", "a dataset's size, token lengths and trained-on tokens per row", kind="replay"),
+    # across the runs of a fleet (autopsy.fleet): about the fleet, never one run
+    Signature("fleet_split", "a setting splits the fleet: the failed runs gather on one side of it", kind="fleet"),
 )
 
 SIGNATURES: dict[str, Signature] = {s.id: s for s in _TABLE}

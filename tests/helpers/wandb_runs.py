@@ -84,15 +84,50 @@ def write_runs(specs: list[dict[str, Any]], *, timeout: float = 120) -> list[Pat
     return out
 
 
+def _stats_record(t: float, items: dict[str, Any]) -> Any:
+    """A ``stats`` record as W&B's system monitor writes it, at wall time ``t`` (wandb's own protobuf)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rec = pb.StatsRecord(stats_type=pb.StatsRecord.StatsType.SYSTEM)
+    rec.timestamp.FromNanoseconds(int(t * 1e9))
+    for key, value in items.items():
+        if key == "_t":
+            continue
+        item = rec.item.add()
+        item.key, item.value_json = key, json.dumps(value)
+    return rec
+
+
 def _main(spec_path: str) -> None:
+    """Each run: ``rows`` (an ``_t`` key, seconds after init, becomes the row's ``_timestamp``), ``stats`` (dicts of
+    W&B system keys with their ``_t``: written through the run's own interface as the sampler would, since a CPU
+    machine has no GPU to sample), ``console`` (lines the client captures), ``settings`` (extra wandb.Settings)."""
+    import time
+
     import wandb
 
     for spec in json.loads(Path(spec_path).read_text()):
         Path(spec["dir"]).mkdir(parents=True, exist_ok=True)
+        settings = {"x_disable_stats": True, "x_disable_meta": True, **spec.get("settings", {})}
         run = wandb.init(mode="offline", dir=spec["dir"], id=spec["id"], project="autopsy-tests",
-                         config=spec.get("config", {}), settings=wandb.Settings(x_disable_stats=True, x_disable_meta=True))
+                         config=spec.get("config", {}), settings=wandb.Settings(**settings))
+        t0 = time.time()
+        iface = run._interface  # the client's own writer: records go to the .wandb file as it writes them
+        for line in spec.get("console", []):
+            iface.publish_output_raw("stdout", line)
+        stats = sorted(spec.get("stats", []), key=lambda s: s["_t"])
+        k = 0
         for row in spec["rows"]:
+            row = dict(row)
+            if "_t" in row:
+                t = t0 + row.pop("_t")
+                row["_timestamp"] = t
+                while k < len(stats) and t0 + stats[k]["_t"] <= t:
+                    iface._publish(iface._make_record(stats=_stats_record(t0 + stats[k]["_t"], stats[k])))
+                    k += 1
             run.log(row)
+        for sample in stats[k:]:
+            iface._publish(iface._make_record(stats=_stats_record(t0 + sample["_t"], sample)))
         for key, value in spec.get("summary", {}).items():
             run.summary[key] = value
         run.finish(exit_code=spec.get("exit_code", 0))

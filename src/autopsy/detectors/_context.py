@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 
 from autopsy import runinfo
+from autopsy.detectors._stats import reduce_points, settle_index
+from autopsy.metrics import eval_loss_metrics
 from autopsy.runinfo import RunInfo
 from autopsy.series import metric_names, series
 
-__all__ = ["clip_threshold", "hf_trainer_like", "rl_objective", "warmup_end_step"]
+__all__ = ["clip_threshold", "hf_trainer_like", "post_warmup", "primary_loss", "rl_objective", "warmup_end_step"]
 
 # settings only HF TrainingArguments (and the trainers built on it: TRL, axolotl, LLaMA-Factory, ms-swift) carry
 _HF_CONFIG_KEYS = frozenset(
@@ -78,3 +80,42 @@ def clip_threshold(frame: pd.DataFrame, info: RunInfo | None) -> tuple[float | N
     if not hf_trainer_like(frame, info):
         return None, False
     return 1.0, True
+
+
+def post_warmup(
+    frame: pd.DataFrame, info: RunInfo | None, metric: str, *, how: str = "median", elevated: float = 2.0
+) -> pd.Series:
+    """The series after warmup and the run's first logs.
+
+    Warmup (from the config or the LR curve) is always left out. The first logs are left out only while they sit
+    above `elevated` (2x) the median of the rest: the high norms of a run's first steps are what the skip is for, and
+    an excerpt that starts mid-run (a log pasted from step 35496) or a run whose first norms are already settled keeps
+    every point, which matters when it has only 6-10 of them.
+    """
+    s = reduce_points(series(frame, metric, finite=True), max_points=50_000, how=how)
+    steps = s.index.to_numpy()
+    wu = warmup_end_step(frame, info)
+    i_wu = settle_index(steps, wu, early_share=0.0, min_skip=0) if wu else 0
+    i_early = settle_index(steps, None, early_share=0.05)
+    i0 = i_wu
+    if i_early > i_wu and s.size > i_early:
+        v = s.to_numpy(dtype=np.float64)
+        ref = float(np.median(v[i_early:]))
+        j = i_wu
+        while j < i_early and v[j] > elevated * ref:
+            j += 1
+        i0 = j
+    return s.iloc[i0:]
+
+
+def primary_loss(frame: pd.DataFrame, *, min_points: int = 3) -> tuple[str, pd.Series]:
+    """The loss whose shape a run is judged on: the train loss, else (a log that prints only validation, a
+    Tacotron-style ``Validation loss N: x``) the first eval loss; finite values, long series block-reduced."""
+    train = series(frame, "train/loss", finite=True)
+    if len(train) >= min_points:
+        return "train/loss", reduce_points(train, max_points=20_000)
+    for metric in eval_loss_metrics(metric_names(frame)):
+        e = series(frame, metric, finite=True)
+        if len(e) >= min_points:
+            return metric, reduce_points(e, max_points=20_000)
+    return "train/loss", train

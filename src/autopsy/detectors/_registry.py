@@ -16,6 +16,7 @@ its type), and turns a crash or a finding of an undeclared signature into a reco
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import types
 import typing
@@ -148,9 +149,10 @@ class DetectorSpec:
         return self.doc.splitlines()[0] if self.doc else ""
 
     def missing(self, metrics: frozenset[str] | set[str]) -> list[str]:
-        """The metrics this detector needs that ``metrics`` lacks (empty: it can run)."""
-        out = [m for m in self.requires if m not in metrics]
-        if self.requires_any and not any(m in metrics for m in self.requires_any):
+        """The metrics this detector needs that ``metrics`` lacks (empty: it can run). A name may be a pattern:
+        ``eval/*/loss`` is any named eval set's loss."""
+        out = [m for m in self.requires if not _present(m, metrics)]
+        if self.requires_any and not any(_present(m, metrics) for m in self.requires_any):
             out.append(" or ".join(self.requires_any))
         return out
 
@@ -196,6 +198,12 @@ class DetectorSpec:
                 f.detector = f.detector or self.name
                 outcome.findings.append(f)
         return outcome
+
+
+def _present(name: str, metrics: frozenset[str] | set[str]) -> bool:
+    if "*" not in name:
+        return name in metrics
+    return any(fnmatch.fnmatchcase(m, name) for m in metrics)
 
 
 _REGISTRY: dict[str, DetectorSpec] = {}
@@ -260,7 +268,7 @@ def detector(
                 f"detector {det_name}: unknown signature(s) {', '.join(unknown)}: define them first "
                 "with autopsy.signatures.define_signature(id, summary)"
             )
-        bad = [m for m in (*requires, *requires_any) if not is_canonical(m)]
+        bad = [m for m in (*requires, *requires_any) if not is_canonical(m.replace("*", "x"))]
         if bad:
             raise RegistrationError(
                 f"detector {det_name}: requires {', '.join(map(repr, bad))}, which no frame carries: "

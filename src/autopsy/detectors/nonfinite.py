@@ -7,6 +7,8 @@ pre-clip ``grad_norm`` is logged unfiltered, so it is often the only trace of th
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -166,87 +168,78 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     ]
 
 
+def _zero_stretch(v: np.ndarray) -> tuple[int, int] | None:
+    """(first, last) index of the longest stretch of exact 0.0 losses."""
+    zero = v == 0.0
+    if not zero.any():
+        return None
+    idx = np.flatnonzero(np.diff(np.concatenate(([0], zero.astype(np.int8), [0]))))
+    starts, ends = idx[::2], idx[1::2]
+    k = int(np.argmax(ends - starts))
+    return int(starts[k]), int(ends[k]) - 1
+
+
+def _share_during(frame: pd.DataFrame, metric: str, first: int, last: int, test: Any) -> float:
+    s = series(frame, metric)
+    during = s[(s.index >= first) & (s.index <= last)].to_numpy(dtype=np.float64)
+    return float(test(during).mean()) if during.size else 0.0
+
+
+def _zero_verdict(grad_nonfinite: bool, grad_zero: bool, to_end: bool) -> tuple[str, str, Severity]:
+    if grad_nonfinite:
+        return ("the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
+                "all NaN, and the grad norm is non-finite at the same steps",
+                _NAN_FIX + "; set logging_nan_inf_filter=False to see NaN losses as they happen", Severity.CRITICAL)
+    if grad_zero:
+        return ("no gradient flows: every label is -100 (masked) or the loss is detached",
+                "check the collator's labels (are all -100?), the prompt masking, and that trainable parameters exist",
+                Severity.CRITICAL)
+    return ("a NaN hidden by logging_nan_inf_filter, or every label masked (-100)",
+            "log the grad norm, set logging_nan_inf_filter=False, and check that the labels are not all -100",
+            Severity.CRITICAL if to_end else Severity.ERROR)
+
+
 @detector(requires=("train/loss",), signatures=("loss_zero_collapse",), tags=("numerics",))
 def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_points: int = 3) -> list[Finding]:
     """The train loss drops to exactly 0.0 and stays there.
 
     Signature: at least `min_points` consecutive logged losses of exactly 0.0 after a non-zero loss, to the end of
     the run (or a long stretch). A real LM loss is never exactly 0.0. Zeros from the very first log (a log that
-    starts after the onset) count only with a non-finite grad norm at the same steps: the HF NaN filter for sure.
+    starts after the onset, or a run that never had a loss) count only with unmistakable company at the same steps:
+    a non-finite grad norm (HF's NaN filter), a grad norm of exactly 0.0 (nothing to learn), or a learning rate of
+    exactly 0.0 (the optimizer does not step).
     Likely causes: HF Trainer logs 0.0 for a window whose losses were all NaN (logging_nan_inf_filter=True); or every
     label is -100 (nothing to learn). RL/preference losses (GRPO) can be exactly 0 and are not reported.
     What to check next: the grad norm at the same steps (NaN => hidden NaN); the labels of the batch (all -100?).
     """
     loss = series(frame, "train/loss")
     v = loss.to_numpy(dtype=np.float64)
-    if v.size < min_points:
+    stretch = _zero_stretch(v) if v.size >= min_points else None
+    if stretch is None or stretch[1] - stretch[0] + 1 < min_points:
         return []
-    zero = v == 0.0
-    if not zero.any():
-        return []
-    # the trailing stretch of zeros, or the longest stretch, whichever is longer
-    idx = np.flatnonzero(np.diff(np.concatenate(([0], zero.astype(np.int8), [0]))))
-    starts, ends = idx[::2], idx[1::2]
-    lengths = ends - starts
-    k = int(np.argmax(lengths))
-    start, end, length = int(starts[k]), int(ends[k]) - 1, int(lengths[k])
-    to_end = end == v.size - 1
-    if length < min_points:
-        return []
-    before = v[:start]
-    before = before[np.isfinite(before)]
+    start, end = stretch
     steps = loss.index.to_numpy()
     first, last = int(steps[start]), int(steps[end])
-    g = series(frame, "train/grad_norm")
-    g_during = g[(g.index >= first) & (g.index <= last)].to_numpy()
-    grad_nonfinite = bool(g_during.size and (~np.isfinite(g_during)).mean() > 0.5)
-    grad_zero = bool(g_during.size and np.isfinite(g_during).all() and (np.abs(g_during) < 1e-12).mean() > 0.5)
-    if start == 0 or before.size == 0 or np.median(np.abs(before)) == 0:
-        # zeros from the first log (an excerpt that starts after the onset): no non-zero loss to fall from, so the
-        # zeros alone prove nothing; a non-finite grad norm at the same steps does (HF's NaN filter)
-        if not grad_nonfinite:
-            return []
+    before = v[:start][np.isfinite(v[:start])]
+    grad_nonfinite = _share_during(frame, "train/grad_norm", first, last, lambda x: ~np.isfinite(x)) > 0.5
+    grad_zero = _share_during(frame, "train/grad_norm", first, last, lambda x: np.abs(x) < 1e-12) > 0.5
+    lr_zero = _share_during(frame, "train/learning_rate", first, last, lambda x: x == 0.0) > 0.5
+    from_start = start == 0 or before.size == 0 or np.median(np.abs(before)) == 0
+    if from_start and not (grad_nonfinite or grad_zero or lr_zero):
+        return []  # zeros alone, with nothing to fall from, prove nothing
     if rl_objective(frame, info) and not grad_nonfinite:
         return []  # GRPO/PPO losses are exactly 0 by construction at times
+    to_end = end == v.size - 1
     evidence = {
-        "first_zero_step": first,
-        "last_zero_step": last,
-        "zero_points": length,
-        "to_end_of_run": bool(to_end),
+        "first_zero_step": first, "last_zero_step": last, "zero_points": end - start + 1, "to_end_of_run": bool(to_end),
         "loss_before": evidence_value(float(before[-1])) if before.size else None,
         "median_loss_before": evidence_value(float(np.median(before))) if before.size else None,
-        "last_nonzero_step": int(steps[start - 1]) if start > 0 else None,
-        "from_first_log": bool(start == 0),
+        "last_nonzero_step": int(steps[start - 1]) if start > 0 else None, "from_first_log": bool(from_start),
+        "grad_norm_nonfinite": grad_nonfinite, "grad_norm_zero": grad_zero, "learning_rate_zero": lr_zero,
     }
-    if g_during.size:
-        evidence["grad_norm_nonfinite_share"] = evidence_value(float((~np.isfinite(g_during)).mean()))
     evidence.update(restart_point(info, first))
-    if grad_nonfinite:
-        cause = (
-            "the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
-            "all NaN, and the grad norm is non-finite at the same steps"
-        )
-        fix = _NAN_FIX + "; set logging_nan_inf_filter=False to see NaN losses as they happen"
-        severity = Severity.CRITICAL
-    elif grad_zero:
-        cause = "no gradient flows: every label is -100 (masked) or the loss is detached"
-        fix = "check the collator's labels (are all -100?), the prompt masking, and that trainable parameters exist"
-        severity = Severity.CRITICAL
-    else:
-        cause = "a NaN hidden by logging_nan_inf_filter, or every label masked (-100)"
-        fix = "log the grad norm, set logging_nan_inf_filter=False, and check that the labels are not all -100"
-        severity = Severity.CRITICAL if to_end else Severity.ERROR
-    return [
-        Finding(
-            signature="loss_zero_collapse",
-            severity=severity,
-            step=first,
-            end_step=last,
-            metric="train/loss",
-            summary=f"train loss is exactly 0.0 from step {first}"
-            + (" to the end of the run" if to_end else f" to step {last}"),
-            evidence=evidence,
-            cause=cause,
-            fix=fix,
-        )
-    ]
+    cause, fix, severity = _zero_verdict(grad_nonfinite, grad_zero, to_end)
+    return [Finding(signature="loss_zero_collapse", severity=severity, step=first, end_step=last, metric="train/loss",
+                    summary=f"train loss is exactly 0.0 from step {first}" + (" to the end of the run" if to_end else
+                                                                              f" to step {last}"),
+                    evidence=evidence, cause=cause, fix=fix)]

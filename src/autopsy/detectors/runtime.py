@@ -8,7 +8,6 @@ sizes, the last lines); these detectors read it from ``info``, so a log with no 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.runinfo import RunInfo
 from autopsy.series import last_step, series
 
-__all__ = ["abrupt_end", "crash", "loss_scale_collapse", "unreadable_log"]
+__all__ = ["abrupt_end", "crash"]
 
 _CAUSE_FIX: dict[str, tuple[str, str]] = {
     "oom": (
@@ -168,28 +167,77 @@ def _planned_from_epochs(frame: pd.DataFrame, info: RunInfo) -> int | None:
     return int(round(epochs * int(ep.index[-1]) / last_epoch))
 
 
-@detector(signatures=("abrupt_end",), tags=("runtime",))
-def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
-    """The run stops short of its planned steps with no final record.
+def _stopped_early_with_summary(frame: pd.DataFrame, info: RunInfo, share: float) -> dict[str, Any] | None:
+    """The final summary record says train() returned at a step well short of max_steps, and no early stopping
+    explains it (an eval loss whose best is followed by evals that did not improve)."""
+    last = info.global_step or _last_step(frame)
+    if "trainer_state" not in info.sources or not info.max_steps or last is None or last >= share * info.max_steps:
+        return None  # only HF's own record states both the plan (max_steps) and the return from train()
+    e = series(frame, "eval/loss", finite=True).to_numpy()
+    if e.size >= 3 and int(np.argmin(e)) <= e.size - 3:
+        return None  # patience ran out: early stopping, not an abrupt end
+    return {"last_step": int(last), "max_steps": int(info.max_steps), "share_done": evidence_value(last / info.max_steps),
+            "final_summary": True}
 
-    Signature: the log ends in a crash, or the source knows the run's plan (a printed max_steps / Total
-    optimization steps, a W&B exit) and the last step is short of it with no final summary; no NaN at the end
-    (the NaN detectors explain those). A checkpoint's trainer_state.json saved mid-run is not an end.
-    Likely causes: OOM, preemption, a kill by the scheduler or the host's OOM killer.
+
+def _stopped_short_counter(info: RunInfo) -> dict[str, Any] | None:
+    """A console log whose last progress counter stops short of its total, with no crash and no final record."""
+    logs = [lg for lg in info.logs if lg.last_counter is not None]
+    if not logs or info.crash is not None or info.finished:
+        return None
+    i, n = logs[-1].last_counter  # type: ignore[misc]
+    if not 0 < i < n:
+        return None
+    return {"last_counter": f"{i}/{n}", "file": logs[-1].file}
+
+
+def _abrupt(summary: str, evidence: dict[str, Any], step: int | None, severity: Severity, cause: str) -> Finding:
+    return Finding(signature="abrupt_end", severity=severity, step=step, end_step=None, metric=None, summary=summary,
+                   evidence=evidence, cause=cause,
+                   fix="resume from the last checkpoint after fixing the cause; with no message, check the scheduler's "
+                       "log and `dmesg` for an oom-kill")
+
+
+@detector(signatures=("abrupt_end",), tags=("runtime",))
+def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share: float = 0.9) -> list[Finding]:
+    """The run stops short of its planned steps.
+
+    Signature: the log ends in a crash; or the source knows the run's plan (a printed max_steps / Total optimization
+    steps, a W&B exit) and the last step is short of it with no final summary; or HF's trainer_state.json, which
+    states both the plan (max_steps) and the return from train() (its final summary record), says train() returned
+    before `early_share` (90%) of max_steps with no early stopping to explain it (an eval loss that stopped improving
+    for its last evals); or a console log's last progress counter stops short of its total
+    (``[83264/97631]``) with no error and no final record: the job was killed silently (a warning: a log can also be
+    cut). No NaN at the end (the NaN detectors explain those). A checkpoint's trainer_state.json saved mid-run is
+    not an end.
+    Likely causes: OOM, preemption, a kill by the scheduler or the host's OOM killer, a time limit.
     What to check next: the crash evidence or the scheduler's log; resume from the last checkpoint.
     """
-    if info is None or info.finished is True or info.summary.get("train_runtime") is not None:
+    if info is None or _nonfinite_at_end(frame):
         return []
+    if info.finished is True or info.summary.get("train_runtime") is not None:
+        early = _stopped_early_with_summary(frame, info, early_share)
+        if early is None:
+            return []
+        return [_abrupt(f"training returned at step {early['last_step']} of {early['max_steps']} "
+                        f"({float(early['share_done']):.0%}) with no early stopping to explain it", early,
+                        early["last_step"], Severity.ERROR,
+                        "the run was stopped before its plan: a time limit, a callback, or max_steps changed on resume")]
     last = _last_step(frame)
     c = _crash_info(info)
-    if (last is None and c is None) or _nonfinite_at_end(frame):
-        return []
-    planned = info.max_steps or _planned_from_epochs(frame, info)
     if c is not None and c.get("kind") == "interrupted":
         return []
+    planned = info.max_steps or _planned_from_epochs(frame, info)
     short = planned is not None and last is not None and last < planned
-    # without a crash, only a source that saw the run's start (or its exit) can say it stopped early
     if c is None and not (short and info.finished is False):
+        counter = _stopped_short_counter(info)
+        if counter is None:
+            return []
+        return [_abrupt(f"the log stops at {counter['last_counter']} of a progress counter, with no error and no final "
+                        "record", {**counter, "last_step": last}, last, Severity.WARNING,
+                        "the process ended part-way with no message: a kill (OOM killer, scheduler, preemption), or "
+                        "the log was cut")]
+    if last is None and c is None:
         return []
     evidence: dict[str, Any] = {"last_step": last, "max_steps": planned}
     if planned is not None and not info.max_steps:
@@ -201,121 +249,8 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Find
     if info.checkpoints and last is not None:
         saved = [s for s in info.checkpoints if s <= last]
         evidence["last_checkpoint_step"] = max(saved) if saved else None
-    of = f" of {planned}" if planned else ""
     why = f" ({c.get('kind')})" if c is not None else " with no final record"
-    return [
-        Finding(
-            signature="abrupt_end",
-            severity=Severity.ERROR,
-            step=last,
-            end_step=None,
-            metric=None,
-            summary=(
-                f"the run stopped at step {last}{of}{why}"
-                if last is not None
-                else f"the run stopped before logging a step{why}"
-            ),
-            evidence=evidence,
-            cause="the process ended before its planned steps: "
-            + ("see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"),
-            fix="resume from the last checkpoint after fixing the cause; with no message, check the "
-            "scheduler's log and `dmesg` for an oom-kill",
-        )
-    ]
-
-
-@detector(requires=("train/loss_scale",), signatures=("loss_scale_collapse",), tags=("numerics", "precision"))
-def loss_scale_collapse(
-    frame: pd.DataFrame,
-    *,
-    info: RunInfo | None = None,
-    max_final_scale: float = 8.0,
-    min_halvings: int = 3,
-    min_overflow_streak: int = 3,
-) -> list[Finding]:
-    """The fp16 loss scale keeps halving: every step overflows and is skipped.
-
-    Signature: the dynamic loss scale ends at or below `max_final_scale` after falling by at least
-    `min_halvings` halvings, or sits pinned there while overflow messages repeat (`min_overflow_streak`).
-    Scalers start at 2**16 (apex, torch GradScaler, DeepSpeed; some at 2**32), so a scale of 8 is 13+ halvings
-    down; a high scale that halves a few times at the start is the normal search, and a low but constant scale
-    with no overflows is stable (bf16 runs print 1.0).
-    Likely causes: fp16 on a model whose activations or gradients exceed fp16's range (max 65504).
-    What to check next: train in bf16; if fp16 is a must, lower the LR, clip, and find the overflowing layer.
-    """
-    s = series(frame, "train/loss_scale")
-    v = s.to_numpy(dtype=np.float64)
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size < 2:
-        return []
-    final, peak = float(v[-1]), float(v.max())
-    if final > max_final_scale:
-        return []
-    halvings = math.log2(peak / final) if final > 0 else float("inf")
-    ov = series(frame, "train/overflow")
-    streak = 0
-    if len(ov):
-        steps_ov = set(ov.index[ov.to_numpy() > 0].tolist())
-        tail_steps = s.index.to_numpy()[::-1]
-        for st in tail_steps:
-            if int(st) in steps_ov:
-                streak += 1
-            else:
-                break
-    if halvings < min_halvings and streak < min_overflow_streak:
-        return []
-    steps = s.index.to_numpy()
-    drop = np.flatnonzero(np.diff(s.to_numpy()) < 0)
-    first = int(steps[drop[0] + 1]) if drop.size else int(steps[0])
-    evidence = {
-        "final_scale": evidence_value(final),
-        "peak_scale": evidence_value(peak),
-        "halvings": evidence_value(halvings),
-        "overflow_streak_at_end": streak,
-        "points": int(v.size),
-    }
-    if info is not None and info.loss_scale_at_minimum:
-        evidence["scaler_at_minimum"] = True
-    loss = series(frame, "train/loss")
-    nan_loss = bool(len(loss) and not np.isfinite(loss.to_numpy()[-1]))
-    severity = Severity.CRITICAL if final <= 1.0 or nan_loss or streak >= min_overflow_streak else Severity.ERROR
-    return [
-        Finding(
-            signature="loss_scale_collapse",
-            severity=severity,
-            step=first,
-            end_step=int(steps[-1]),
-            metric="train/loss_scale",
-            summary=f"fp16 loss scale fell to {evidence_value(final)} ({halvings:.0f} halvings from "
-            f"{evidence_value(peak)}); steps overflow and are skipped",
-            evidence=evidence,
-            cause="fp16 overflow on (nearly) every step: gradients or activations exceed fp16's range, so "
-            "the dynamic scaler keeps halving and the optimizer skips the updates",
-            fix="train in bf16 (bf16=True) instead of fp16; otherwise lower the LR, clip gradients, and "
-            "find the overflowing layer (autopsy replay)",
-        )
-    ]
-
-
-@detector(signatures=("insufficient_data",), tags=("runtime",))
-def unreadable_log(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
-    """A console log with no line in a format autopsy reads.
-
-    Signature: the console importer found no metric line, no loss-scale message and no crash in a log.
-    Likely causes: a logger format autopsy does not know, or a log of something other than training.
-    What to check next: the note names the file; point autopsy at the run's trainer_state.json, TensorBoard
-    or W&B files, or report the format.
-    """
-    if info is None or not info.unread_logs or len(frame):
-        return []
-    u = info.unread_logs[0]
-    return [
-        Finding(
-            signature="insufficient_data",
-            severity=Severity.INFO,
-            summary=f"no metric line autopsy reads in {u.file} ({u.lines} lines)",
-            evidence={"file": u.file, "lines": u.lines},
-            cause="an unknown log format, or not a training log",
-            fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format",
-        )
-    ]
+    summary = (f"the run stopped at step {last}{f' of {planned}' if planned else ''}{why}" if last is not None
+               else f"the run stopped before logging a step{why}")
+    return [_abrupt(summary, evidence, last, Severity.ERROR, "the process ended before its planned steps: " + (
+        "see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"))]

@@ -1,20 +1,25 @@
-"""Line grammars of training consoles: what a metric record, a step counter, a loss-scale message and a crash
+"""Line grammars of training consoles: what a metric record, a step counter, a loss-scale message and a printed config
 look like in the text a job printed.
 
-One pass over the lines (:func:`parse_console`) turns the text into *records* (one per printed metric line or HF
-dict, with the step the line names, if any) plus the context a console carries (a printed ``max_steps``, the HF
-``***** Running training *****`` banner, the final summary, fp16 overflow messages). :func:`find_crash` reads
-the tail of the log for a traceback or a kill. The regexes are compiled once; lines that cannot hold a metric
-are skipped by a cheap pre-filter, so a 100k-line log of progress bars parses in well under a second.
+One pass over the lines (:func:`parse_console`) turns the text into *records* (one per printed metric line, HF dict or
+table row, with the step the line names, if any) plus the context a console carries (a printed ``max_steps``, the HF
+``***** Running training *****`` banner, the final summary, fp16 overflow messages, the last progress counter). How
+a log ends (a traceback, a kill) is :mod:`autopsy.importers._console_crash`'s. Lines that cannot hold a metric are
+skipped by a cheap pre-filter, so a 100k-line log of progress bars parses in well under a second.
 
-Grammars (each seen in real logs, ``../shared/issue-logs``):
+Grammars (each seen in real logs, ``../shared/issue-logs`` and the labelled corpora):
 
 - HF Trainer dicts, 4.x floats ``{'loss': 0.0, 'grad_norm': nan, ...}`` and 5.x strings ``{'loss': '0', ...}``,
   possibly wrapped by the terminal over several lines; their step is the tqdm counter printed beside them.
-- ``key: value`` / ``key=value`` / ``key value`` pairs (mmengine, mmcv, Keras, Lightning, fairseq, Megatron,
-  Caffe, loguru, LitGPT, custom loops); multi-word keys (``grad norm: nan``) only before ``:``/``=``.
-- step counters: ``step``/``iter``/``num_updates`` keys, ``Epoch [e][i/N]`` / ``epoch e  i / N``,
+- ``key: value`` / ``key=value`` / ``key value`` / ``key [value]`` pairs (mmengine, mmcv, Keras, Lightning, fairseq,
+  Megatron, Caffe, DLLogger, loguru, LitGPT, nanoGPT, custom loops); multi-word keys (``grad norm: nan``,
+  ``val. loss``) only before ``:``/``=``; a line whose phase is evaluation (``Eval Epoch: 1 ... Loss:``,
+  ``Test net output #0: accuracy =``) puts its unprefixed values under eval.
+- step counters: ``step``/``iter``/``num_updates`` keys (and ``<word> iter``), ``Epoch [e][i/N]`` / ``epoch e i / N``,
   ``iteration N/ M``, tqdm's ``n/total [elapsed<left``, Keras ``Epoch e/E`` headers.
+- tables: notebook progress tables (``Step | Training Loss | ...``), whitespace tables with an ``Epoch`` header and
+  ``e/E`` rows (YOLO), bare ``<step> <loss>`` columns.
+- Tacotron-style ``Validation loss <iteration>: <value>``; markdown pastes (``> `` quotes, code fences glued to a line).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConsoleParse", "find_crash", "parse_console", "parse_number"]
+__all__ = ["ANSI", "CONTROL", "ConsoleParse", "parse_console", "parse_number"]
 
 # --- tokens -------------------------------------------------------------------------------------------
 
@@ -33,15 +38,18 @@ _WORD = r"\[?[A-Za-z][\w./\-]*\]?"
 # a value ends at a delimiter, or where a glued word starts with a capital ("0.2445Epoch 1/1000")
 _END = r"(?=$|[\s,;|)\]}(%:*`']|[A-Z])"
 PAIR = re.compile(
-    rf"(?<![\w.\-])(?:(?P<k1>{_WORD}(?: {_WORD}){{0,3}})\s*[:=]\s*|(?P<k2>{_WORD})\s+)(?P<v>{_NUM}){_END}",
+    rf"(?<![\w.\-])(?:(?P<k1>{_WORD}(?: {_WORD}){{0,3}})\s*[:=]\s*|(?P<k2>{_WORD})\s+)\[?(?P<v>{_NUM})\]?{_END}",
     re.IGNORECASE,
 )
 # cheap pre-filter: a line that could be a metric record
-RECORD_HINT = re.compile(r"loss|norm|learning|lr\b|scale|acc|\bppl\b", re.IGNORECASE)
+RECORD_HINT = re.compile(r"loss|norm|learning|lr\b|scale|acc|\bppl\b|\btrain|skipped", re.IGNORECASE)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\^\[\[[0-9;]*[A-Za-z]|\x1b[()][A-Z0-9]")
 CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127, 0xFFFD])
+# markdown around a pasted log: "> " quote prefixes, a code fence glued to the first or last line
+_QUOTE = re.compile(r"^\s*(?:>\s?)+|^\s*`{3}\w*\s*|`{3}\s*$|^`(?=\S)")
+# a glog prefix (Caffe, TF C++): "I1010 17:36:18.471521 24907 solver.cpp:160] "
+_GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w.]+:\d+\] ")
 
-DICT_START = re.compile(r"\{'")
 DICT_PAIR = re.compile(r"'(?P<k>[^'\n]+)'\s*:\s*(?P<v>'[^']*'|\"[^\"]*\"|[^,}]+)")
 
 EPOCH = re.compile(r"\bepoch\b(?:\(train\))?\s*:?\s*\[?\s*(?P<e>\d+)(?:\s*/\s*(?P<etot>\d+))?\s*\]?", re.IGNORECASE)
@@ -49,20 +57,23 @@ COUNTER = re.compile(r"(?P<i>\d+)\s*/\s*(?P<n>\d+)")
 ITER_COUNTER = re.compile(r"\b(?:iteration|iter|step|global step)\s*[:=]?\s*(?P<i>\d+)\s*/\s*(?P<n>\d+)", re.IGNORECASE)
 TQDM = re.compile(r"(?P<i>\d+)/(?P<n>\d+) \[(?:\d+:)?\d+:\d+<")
 KERAS_HEADER = re.compile(r"^\s*Epoch (?P<e>\d+)/(?P<etot>\d+)\s*$")
+# the phase of a line, when it names one before its values: "Eval Epoch: 1 [...] Loss:", "Test net output #0:"
+PHASE = re.compile(r"\b(?P<p>eval|evaluation|evaluating|valid|validation|validating|val|test|testing)\b", re.IGNORECASE)
+TRAIN_WORD = re.compile(r"\btrain", re.IGNORECASE)
+# Tacotron2 / WaveGlow: "Validation loss 6312:  0.149928" (the iteration, then the value)
+VAL_AT_ITER = re.compile(rf"\b(?:validation|val|eval|test) loss (?P<s>\d+)\s*:\s*(?P<v>{_NUM})", re.IGNORECASE)
+# whitespace tables with an Epoch header and "e/E" rows (YOLOv5/v7/v8): "Epoch gpu_mem box obj cls total ..."
+WS_HEADER = re.compile(r"^\s*Epoch\s+\S+(?:\s+\S+){2,}\s*$")
+WS_ROW = re.compile(r"^\s*(?P<e>\d+)/(?P<n>\d+)\s+\S")
+_HEADER_WORD = re.compile(r"[A-Za-z][\w.@-]*")
+# bare numeric columns: "<step> <loss> [more numbers]"
+NUMERIC_ROW = re.compile(rf"^\s*(?P<s>\d+)(?:[\s,]+{_NUM}){{1,4}}\s*$", re.IGNORECASE)
+_LOG_TAG = re.compile(r"^(?:[A-Z]{2,}\s+)+(?=\S)")  # "PARAMETER loss_scale", "DLL ..." tags before a key
 
-STEP_KEYS = {
-    "step",
-    "global_step",
-    "num_updates",
-    "iteration",
-    "iter",
-    "steps",
-    "update",
-    "global_steps",
-    "it",
-    "train_step",
-    "trainer/global_step",
-}
+STEP_KEYS = {"step", "global_step", "num_updates", "iteration", "iter", "steps", "update", "global_steps", "it",
+             "train_step", "trainer/global_step"}
+_STEP_WORDS = ("iter", "iteration", "step", "steps")
+_METRIC_WORDS = re.compile(r"loss|acc|lr|norm|rate|time|ppl|scale")
 
 # fp16 dynamic loss scalers: DeepSpeed, apex, fairseq, torch.cuda.amp (via a printed scale)
 OVERFLOW = re.compile(
@@ -101,80 +112,10 @@ FINISHED = re.compile(
 # notebook progress tables (HF/TRL in Jupyter, copied as text): "Step | Training Loss | ..." then numeric rows
 TABLE_HEADER = re.compile(r"^\s*\|?\s*(?:Step|Epoch)\s*(?:\||\t)(?=.*loss)", re.IGNORECASE)
 
-# --- crashes --------------------------------------------------------------------------------------------
-
-CRASH_KINDS: list[tuple[str, re.Pattern[str]]] = [
-    (
-        "oom",
-        re.compile(
-            r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|RESOURCE_EXHAUSTED|"
-            r"ResourceExhaustedError|OOM when allocating|ran out of memory|"
-            r"bfc_allocator\.cc:\d+\] Allocator|HIP out of memory|MPS backend out of memory"
-        ),
-    ),
-    (
-        "device_assert",
-        re.compile(
-            r"device-side assert|Assertion [`'].*[`'] failed|index out of bounds|"
-            r"srcIndex < srcSelectDimSize|CUDA error: an illegal memory access"
-        ),
-    ),
-    ("disk_full", re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded")),
-    (
-        "killed",
-        re.compile(
-            r"(?m)^\W*Killed\W*$|\b\d+ Killed\s|已杀死|Signal 9 \(SIGKILL\)|\bSIGKILL\b|exit ?code:? ?(?:-9|137)\b|"
-            r"oom-kill|Out of memory: Killed process|killed by signal 9"
-        ),
-    ),
-    (
-        "nccl_timeout",
-        re.compile(
-            r"Watchdog caught collective|collective operation timeout|NCCL.{0,80}time(?:d )?out|"
-            r"ProcessGroupNCCL.{0,120}[Tt]imeout|DistBackendError.{0,80}[Tt]imeout"
-        ),
-    ),
-    ("interrupted", re.compile(r"KeyboardInterrupt")),
-]
-TRACEBACK = re.compile(r"Traceback \(most recent call last\):")
-EXCEPTION_LINE = re.compile(
-    r"(?m)^[\W_]*(?P<name>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure|Fault))\b\W*?:?\s*(?P<msg>.*)$"
-)
-_UNIT = {
-    "b": 1 / 2**30,
-    "kib": 1 / 2**20,
-    "kb": 1 / 2**20,
-    "mib": 1 / 2**10,
-    "mb": 1 / 2**10,
-    "gib": 1.0,
-    "gb": 1.0,
-    "tib": 2**10,
-    "tb": 2**10,
-}
-_SIZE = r"(?P<n>[\d.]+)\s*(?P<u>[KMGT]i?B|B)"
-OOM_SIZES = {
-    "tried_to_allocate_gib": re.compile(r"(?:Tried to allocate|trying to allocate)\s*" + _SIZE),
-    "total_capacity_gib": re.compile(
-        _SIZE + r" total capacity|total capacity of\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>")
-    ),
-    "already_allocated_gib": re.compile(
-        _SIZE
-        + r" already allocated|allocated memory\s*"
-        + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>")
-        + r" is allocated"
-    ),
-    "free_gib": re.compile(
-        _SIZE + r" free\b|of which\s*" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is free"
-    ),
-    "reserved_gib": re.compile(
-        _SIZE + r" reserved in total|" + _SIZE.replace("?P<n>", "?P<n2>").replace("?P<u>", "?P<u2>") + r" is reserved"
-    ),
-}
-
 
 def parse_number(text: str) -> float | None:
     """A console number: ``nan``, ``-nan``, ``nan.0``, ``inf``, ``Infinity``, ``1,234``, ``31.8%`` -> float."""
-    t = text.strip().strip("'\"").rstrip("%").replace(",", "")
+    t = text.strip().strip("'\"[]").rstrip("%").replace(",", "")
     low = t.lower()
     if low.lstrip("+-").startswith("nan"):
         return math.nan
@@ -188,16 +129,15 @@ def parse_number(text: str) -> float | None:
 class ConsoleParse:
     """What one pass over a console log found."""
 
-    # records: parallel lists, one entry per metric line / dict
+    # records: parallel lists, one entry per metric line / dict / table row
     line: list[int] = field(default_factory=list)
     step: list[int | None] = field(default_factory=list)  # from the line itself
     epoch: list[tuple[int, int, int] | None] = field(default_factory=list)  # epoch + counter on the line: (e, i, n)
     counter: list[tuple[int, int] | None] = field(default_factory=list)
-    kind: list[str] = field(default_factory=list)  # "dict", "pairs"
+    kind: list[str] = field(default_factory=list)  # "dict", "pairs", "bar" (a progress bar's postfix), "table"
     pairs: list[dict[str, float]] = field(default_factory=list)
     raw_keys: list[dict[str, str]] = field(default_factory=list)
     # context
-    tqdm_before: list[int | None] = field(default_factory=list)  # last tqdm counter before the record
     tqdm_lines: list[tuple[int, int, int]] = field(default_factory=list)  # (line, n, total)
     keras_epoch: list[int | None] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
@@ -207,11 +147,35 @@ class ConsoleParse:
     summary: dict[str, float] = field(default_factory=dict)
     overflow: list[tuple[int, float]] = field(default_factory=list)  # (line, new scale)
     scale_floor_line: int | None = None
+    last_counter: tuple[int, int] | None = None  # the last "i of n" progress the log printed
     n_lines: int = 0
 
 
+@dataclass
+class _State:
+    """What the pass remembers from one line to the next."""
+
+    last_tqdm: int | None = None
+    keras_epoch: int | None = None
+    ws_header: list[str] | None = None  # the last whitespace-table header (YOLO)
+    numeric: list[tuple[int, int, float]] = field(default_factory=list)  # bare "<step> <value>" rows: (line, s, v)
+
+
 def _clean_key(key: str) -> str:
-    return " ".join(key.strip().strip("[]*`").split())
+    return " ".join(_LOG_TAG.sub("", key.strip().strip("[]*`")).split())
+
+
+def normalize_key(key: str) -> str:
+    """``val. loss`` -> ``val_loss``, ``Grad Norm`` -> ``grad_norm``: lower case, runs of punctuation and spaces as
+    one underscore (``/`` kept: it separates namespaces)."""
+    return re.sub(r"[^a-z0-9/]+", "_", key.lower()).strip("_")
+
+
+def _is_step_key(norm: str) -> bool:
+    if norm in STEP_KEYS:
+        return True
+    words = norm.split("_")
+    return len(words) > 1 and words[-1] in _STEP_WORDS and not _METRIC_WORDS.search("_".join(words[:-1]))
 
 
 def _dict_record(text: str) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
@@ -230,95 +194,164 @@ def _dict_record(text: str) -> tuple[dict[str, float], dict[str, str], dict[str,
     return values, raw, strings
 
 
+def _add(out: ConsoleParse, st: _State, line: int, step: int | None, kind: str, values: dict[str, float],
+         raw: dict[str, str], *, epoch: tuple[int, int, int] | None = None, counter: tuple[int, int] | None = None) -> None:
+    out.line.append(line)
+    out.step.append(step)
+    out.epoch.append(epoch)
+    out.counter.append(counter)
+    out.kind.append(kind)
+    out.pairs.append(values)
+    out.raw_keys.append(raw)
+    out.keras_epoch.append(st.keras_epoch)
+    if epoch is not None:
+        out.last_counter = epoch[1:]
+    elif counter is not None:
+        out.last_counter = counter
+
+
+def _hf_dict(out: ConsoleParse, st: _State, lines: list[str], i: int) -> int:
+    """An HF Trainer dict (possibly wrapped over lines); returns the index of the next line."""
+    start = i
+    body = lines[i][lines[i].index("{'"):]
+    while "}" not in body and i + 1 < len(lines) and i - start < 50:  # a dict wrapped by the terminal
+        i += 1
+        body += lines[i]
+    values, raw, strings = _dict_record(body[: body.find("}") + 1] if "}" in body else body)
+    step = None
+    gs = strings.get("global_step/max_steps")
+    if gs and "/" in gs:
+        a, _, b = gs.partition("/")
+        if a.strip().isdigit():
+            step = int(a)
+        if b.strip().isdigit():
+            out.max_steps_hint = max(out.max_steps_hint or 0, int(b))
+    for k in ("step", "global_step"):
+        if step is None and k in values and math.isfinite(values[k]):
+            step = int(values.pop(k))
+    if "train_runtime" in values:
+        out.summary.update(values)
+        out.finished = True
+    elif values:
+        _add(out, st, start, step, "dict", values, raw)
+    return i + 1
+
+
+def _context_line(out: ConsoleParse, st: _State, i: int, line: str) -> None:
+    """What a line says about the run besides metrics: a tqdm counter, a scale floor, config, the end."""
+    if "/" in line and "[" in line:
+        t = TQDM.search(line)
+        if t is not None:
+            st.last_tqdm = int(t.group("i"))
+            total = int(t.group("n"))
+            out.tqdm_lines.append((i, st.last_tqdm, total))
+            out.last_counter = (st.last_tqdm, total)
+            if EPOCH.search(line[: t.start()]) is None:
+                out.max_steps_hint = max(out.max_steps_hint or 0, total)
+    if "minimum" in line and SCALE_FLOOR.search(line):
+        out.scale_floor_line = i
+    if "=" in line or ":" in line or "params" in line or "*****" in line:
+        _config_line(out, line)
+    if not out.finished and FINISHED.search(line):
+        out.finished = True
+
+
+def _special_line(out: ConsoleParse, st: _State, i: int, line: str) -> bool:
+    """Lines of a grammar of their own; True when the line was one."""
+    if "verflow" in line or "OVERFLOW" in line:
+        m = OVERFLOW.search(line)
+        if m is not None:
+            v = m.group("ds") or m.group("apex") or m.group("fs")
+            out.overflow.append((i, parse_number(v) or math.nan))
+            return True
+    kh = KERAS_HEADER.match(line)
+    if kh is not None:
+        st.keras_epoch = int(kh.group("e"))
+        out.config.setdefault("_epochs_planned", int(kh.group("etot")))
+        return True
+    va = VAL_AT_ITER.search(line)
+    if va is not None:
+        _add(out, st, i, int(va.group("s")), "pairs", {"eval_loss": parse_number(va.group("v")) or math.nan},
+             {"eval_loss": "validation loss"})
+        return True
+    words = line.split()
+    if WS_HEADER.match(line) and all(_HEADER_WORD.fullmatch(w) for w in words) and any(
+            w.lower() in ("box", "obj", "cls", "total") or "loss" in w.lower() for w in words):
+        st.ws_header = [normalize_key(w) for w in words]
+        return True
+    if st.ws_header is not None:
+        row = WS_ROW.match(line)
+        if row is not None:
+            _ws_row(out, st, i, line)
+            return True
+    num = NUMERIC_ROW.match(line)
+    if num is not None:
+        v = parse_number(line.replace(",", " ").split()[1])
+        if v is not None:
+            st.numeric.append((i, int(num.group("s")), v))
+        return True
+    return False
+
+
+def _ws_row(out: ConsoleParse, st: _State, i: int, line: str) -> None:
+    """A row of a whitespace table (YOLO): cells by the header's position; the step is the epoch of ``e/E``."""
+    assert st.ws_header is not None
+    cells = line.split()
+    e, n = (int(x) for x in cells[0].split("/"))
+    values: dict[str, float] = {}
+    for name, cell in zip(st.ws_header[1:], cells[1:]):
+        v = parse_number(cell.rstrip(":"))
+        if v is not None and not cell.endswith(("G", "M")) and name not in ("labels", "instances", "img_size", "size"):
+            values[name] = v
+    if values:
+        _add(out, st, i, e, "table", values, {k: k for k in values}, counter=(e, n))
+
+
+def _flush_numeric(out: ConsoleParse, st: _State) -> None:
+    """Bare ``<step> <value>`` rows count as (step, loss) when there are at least 3 with a rising step."""
+    rows = st.numeric
+    if len(rows) >= 3 and all(b[1] > a[1] for a, b in zip(rows, rows[1:])):
+        for ln, s, v in rows:
+            _add(out, st, ln, s, "table", {"loss": v}, {"loss": "column 2"})
+    st.numeric = []
+
+
 def parse_console(text: str) -> ConsoleParse:
     """One pass over the (cleaned) text of a console log."""
     out = ConsoleParse()
+    st = _State()
     lines = text.splitlines()
     out.n_lines = len(lines)
-    last_tqdm: int | None = None
-    keras_epoch: int | None = None
-    i = 0
-    n = len(lines)
+    i, n = 0, len(lines)
     while i < n:
         line = lines[i]
+        if line.startswith(("> ", ">", "`")) or "```" in line:
+            line = lines[i] = _QUOTE.sub("", line)
+        if line[:1] in "IWEF" and _GLOG.match(line):
+            line = lines[i] = _GLOG.sub("", line)
         if not line or line.isspace() or line.startswith("# "):
             i += 1  # blank, or a comment around a pasted log (never a metric line)
             continue
-        start = i
-        # tqdm bars are most of a long log: handle them first and cheaply
-        if "/" in line and "[" in line:
-            t = TQDM.search(line)
-            if t is not None:
-                last_tqdm = int(t.group("i"))
-                total = int(t.group("n"))
-                out.tqdm_lines.append((i, last_tqdm, total))
-                if EPOCH.search(line[: t.start()]) is None:
-                    out.max_steps_hint = max(out.max_steps_hint or 0, total)
+        _context_line(out, st, i, line)
         if "{'" in line:
-            j = line.index("{'")
-            body = line[j:]
-            # a dict wrapped by the terminal: join the following lines until it closes
-            while "}" not in body and i + 1 < n and i - start < 50:
-                i += 1
-                body += lines[i]
-            values, raw, strings = _dict_record(body[: body.find("}") + 1] if "}" in body else body)
-            step = None
-            gs = strings.get("global_step/max_steps")
-            if gs and "/" in gs:
-                a, _, b = gs.partition("/")
-                if a.strip().isdigit():
-                    step = int(a)
-                if b.strip().isdigit():
-                    out.max_steps_hint = max(out.max_steps_hint or 0, int(b))
-            for k in ("step", "global_step"):
-                if step is None and k in values and math.isfinite(values[k]):
-                    step = int(values.pop(k))
-            if "train_runtime" in values:
-                out.summary.update(values)
-                out.finished = True
-            elif values:
-                _add(out, start, step, None, None, "dict", values, raw, last_tqdm, keras_epoch)
+            i = _hf_dict(out, st, lines, i)
+            continue
+        if _special_line(out, st, i, line):
             i += 1
             continue
-        if "verflow" in line or "OVERFLOW" in line:
-            m = OVERFLOW.search(line)
-            if m is not None:
-                v = m.group("ds") or m.group("apex") or m.group("fs")
-                out.overflow.append((i, parse_number(v) or math.nan))
-                i += 1
-                continue
-        if "minimum" in line and SCALE_FLOOR.search(line):
-            out.scale_floor_line = i
-        if "=" in line or ":" in line or "params" in line or "*****" in line:
-            _config_line(out, line)
-        if not out.finished and FINISHED.search(line):
-            out.finished = True
         if ("|" in line or "\t" in line) and TABLE_HEADER.match(line):
             sep = "|" if "|" in line else "\t"
             header = [c.strip() for c in line.strip().strip("|").split(sep)]
-            i = _table(out, lines, i + 1, header, sep, last_tqdm, keras_epoch)
-            continue
-        kh = KERAS_HEADER.match(line)
-        if kh is not None:
-            keras_epoch = int(kh.group("e"))
-            out.config.setdefault("_epochs_planned", int(kh.group("etot")))
-            i += 1
+            i = _table(out, st, lines, i + 1, header, sep)
             continue
         if RECORD_HINT.search(line) and not line.lstrip().startswith("#"):
-            _pairs_record(out, i, line, last_tqdm, keras_epoch)
+            _pairs_record(out, st, i, line)
         i += 1
+    _flush_numeric(out, st)
     return out
 
 
-def _table(
-    out: ConsoleParse,
-    lines: list[str],
-    i: int,
-    header: list[str],
-    sep: str,
-    last_tqdm: int | None,
-    keras_epoch: int | None,
-) -> int:
+def _table(out: ConsoleParse, st: _State, lines: list[str], i: int, header: list[str], sep: str) -> int:
     """Rows of a notebook progress table under ``header``; returns the index of the first line after it."""
     names = [_clean_key(h).lower().replace(" ", "_").replace("_/_", "/") for h in header]
     while i < len(lines):
@@ -332,32 +365,9 @@ def _table(
                 if v is not None:
                     values[name] = v
             if values:
-                _add(out, i, int(cells[0]), None, None, "table", values, {k: k for k in values}, last_tqdm, keras_epoch)
+                _add(out, st, i, int(cells[0]), "table", values, {k: k for k in values})
         i += 1
     return i
-
-
-def _add(
-    out: ConsoleParse,
-    line: int,
-    step: int | None,
-    epoch: tuple[int, int, int] | None,
-    counter: tuple[int, int] | None,
-    kind: str,
-    values: dict[str, float],
-    raw: dict[str, str],
-    last_tqdm: int | None,
-    keras_epoch: int | None,
-) -> None:
-    out.line.append(line)
-    out.step.append(step)
-    out.epoch.append(epoch)
-    out.counter.append(counter)
-    out.kind.append(kind)
-    out.pairs.append(values)
-    out.raw_keys.append(raw)
-    out.tqdm_before.append(last_tqdm)
-    out.keras_epoch.append(keras_epoch)
 
 
 def _config_line(out: ConsoleParse, line: str) -> None:
@@ -386,18 +396,29 @@ def _config_line(out: ConsoleParse, line: str) -> None:
                     out.config.setdefault(key, int(v) if v == int(v) and "." not in raw else v)
 
 
-def _pairs_record(out: ConsoleParse, i: int, line: str, last_tqdm: int | None, keras_epoch: int | None) -> None:
+def _eval_phase(line: str, first_key_at: int) -> bool:
+    """True when the line names an evaluation phase before its first metric and no training phase."""
+    head = line[:first_key_at]
+    return PHASE.search(head) is not None and TRAIN_WORD.search(line) is None
+
+
+def _pairs_record(out: ConsoleParse, st: _State, i: int, line: str) -> None:
     values: dict[str, float] = {}
     raw: dict[str, str] = {}
     step: int | None = None
-    for m in PAIR.finditer(line):
+    matches = list(PAIR.finditer(line))
+    first_metric = next((m.start() for m in matches if RECORD_HINT.search(m.group("k1") or m.group("k2"))), None)
+    eval_phase = first_metric is not None and _eval_phase(line, first_metric)
+    for m in matches:
         key = _clean_key(m.group("k1") or m.group("k2"))
         lit = m.group("v")
-        norm = key.lower().replace(" ", "_")
-        if norm in STEP_KEYS or norm == "global_step":
+        norm = normalize_key(key)
+        if _is_step_key(norm):
             if lit.isdigit() and step is None:
                 step = int(lit)
             continue
+        if eval_phase and not norm.startswith(("eval", "val", "test", "train")):
+            norm = f"eval_{norm}"
         if norm in values:
             continue  # the first value of a key on a line is the current one ("loss=9.57 (10.94)")
         num = parse_number(lit)
@@ -408,6 +429,8 @@ def _pairs_record(out: ConsoleParse, i: int, line: str, last_tqdm: int | None, k
     if not any(RECORD_HINT.search(k) for k in values) or "optimization steps" in line or "Accumulation steps" in line:
         return  # prose or a config dump, not a metric line
     epoch = counter = None
+    t = TQDM.search(line)
+    kind = "bar" if t is not None and matches and first_metric is not None and first_metric > t.end() else "pairs"
     e = EPOCH.search(line)
     if e is not None:
         c = COUNTER.search(line, e.end())
@@ -418,71 +441,6 @@ def _pairs_record(out: ConsoleParse, i: int, line: str, last_tqdm: int | None, k
         if ic is not None:
             counter = (int(ic.group("i")), int(ic.group("n")))
             out.max_steps_hint = max(out.max_steps_hint or 0, counter[1])
-        else:
-            t = TQDM.search(line)
-            if t is not None:
-                counter = (int(t.group("i")), int(t.group("n")))
-    _add(out, i, step, epoch, counter, "pairs", values, raw, last_tqdm, keras_epoch)
-
-
-# --- crashes ----------------------------------------------------------------------------------------------
-
-
-def _gib(m: re.Match[str]) -> float | None:
-    n = m.group("n") if m.group("n") is not None else m.groupdict().get("n2")
-    u = m.group("u") if m.group("u") is not None else m.groupdict().get("u2")
-    if n is None or u is None:
-        return None
-    try:
-        return round(float(n) * _UNIT[u.lower()], 4)
-    except (ValueError, KeyError):
-        return None
-
-
-def find_crash(tail: str, *, offset_line: int = 0) -> dict[str, Any] | None:
-    """The crash a log ends with: kind, exception, message, sizes (OOM), and the last lines. None when clean."""
-    if not tail.strip():
-        return None
-    found: tuple[str, re.Match[str]] | None = None
-    for kind, pattern in CRASH_KINDS:
-        m = pattern.search(tail)
-        if m is not None:
-            found = (kind, m)
-            break
-    exc_name = exc_msg = None
-    tracebacks = list(TRACEBACK.finditer(tail))
-    tb = tracebacks[-1] if tracebacks else None
-    # the exception a traceback ends with (the first one after the last traceback), else the last one printed
-    candidates = [em for em in EXCEPTION_LINE.finditer(tail) if not em.group(0).lstrip().startswith("File ")]
-    after = [em for em in candidates if tb is not None and em.start() > tb.end()]
-    pick = after[0] if after else (candidates[-1] if candidates else None)
-    if pick is not None and (tb is not None or found is not None):
-        exc_name, exc_msg = pick.group("name"), pick.group("msg").strip(" *`")
-    if found is None and exc_name is None:
-        return None
-    kind = found[0] if found else "other"
-    match_line = tail.count("\n", 0, (found[1].start() if found else tb.start())) + offset_line  # type: ignore[union-attr]
-    message = ""
-    if found is not None:
-        ls = tail.rfind("\n", 0, found[1].start()) + 1
-        le = tail.find("\n", found[1].end())
-        message = tail[ls : le if le >= 0 else len(tail)].strip()
-    elif exc_name:
-        message = f"{exc_name}: {exc_msg}".strip(": ")
-    lines = [ln.rstrip() for ln in tail.splitlines() if ln.strip()]
-    out: dict[str, Any] = {
-        "kind": kind,
-        "exception": exc_name,
-        "message": message[:400],
-        "line": match_line + 1,
-        "tail": [ln[:300] for ln in lines[-12:]],
-    }
-    if kind == "oom":
-        for name, pat in OOM_SIZES.items():
-            m = pat.search(tail)
-            if m is not None:
-                v = _gib(m)
-                if v is not None:
-                    out[name] = v
-        out["message_cut"] = not any(k in out for k in OOM_SIZES) and "bfc_allocator" in message
-    return out
+        elif t is not None:
+            counter = (int(t.group("i")), int(t.group("n")))
+    _add(out, st, i, step, kind, values, raw, epoch=epoch, counter=counter)

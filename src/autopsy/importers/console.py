@@ -26,7 +26,8 @@ import pandas as pd
 from autopsy.errors import UnreadableError
 from autopsy.frame import concat_frames, empty_frame, make_frame
 from autopsy.importers._base import Imported, ReadOptions
-from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, find_crash, parse_console
+from autopsy.importers._console_crash import find_crash
+from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, parse_console
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Crash, Damage, LogStats, RunInfo
 
@@ -69,6 +70,7 @@ _LOSS_FALLBACK = (
     "train_loss_epoch",
     "loss_sum",
     "objective",
+    "total",  # YOLO's table: the sum of its box/obj/cls losses
 )
 _GRAD_FALLBACK = ("norm", "grad_norm_avg", "total_grad_norm")
 _BAR_DISTANCE = 3  # lines between an HF dict and its progress bar (a blank line each side in LLaMA-Factory logs)
@@ -219,14 +221,22 @@ def _infer_order(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
     return steps, f"counting the logged lines in order x {logging_steps} ({where}); the log prints no step"
 
 
+# train metrics that are not the loss, when the log names its training objective "train_<something>"
+_NOT_A_LOSS = re.compile(r"acc|time|runtime|step|epoch|lr|rate|samples|tokens|speed|batch|size|memory|mem|norm")
+
+
 def _fallback_names(names: set[str]) -> dict[str, str]:
-    """Rename a total loss / grad norm logged under another name when the log has no plain one."""
+    """Rename a total loss / grad norm logged under another name when the log has no plain one: a total under
+    another name (``total_loss``, ``lm loss``), else the one training objective the log prints (``Train_rf``)."""
     out: dict[str, str] = {}
     if "train/loss" not in names:
-        for cand in _LOSS_FALLBACK:
-            if cand in names:
-                out[cand] = "train/loss"
-                break
+        cand = next((c for c in _LOSS_FALLBACK if c in names), None)
+        if cand is None:
+            objectives = sorted(n for n in names if n.startswith(("train_", "train/")) and "/" not in n[6:]
+                                and not _NOT_A_LOSS.search(n[6:]))
+            cand = objectives[0] if len(objectives) == 1 else None
+        if cand is not None:
+            out[cand] = "train/loss"
     if "train/grad_norm" not in names:
         for cand in _GRAD_FALLBACK:
             if cand in names:
@@ -235,10 +245,21 @@ def _fallback_names(names: set[str]) -> dict[str, str]:
     return out
 
 
-def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> Imported:
-    """Parse the text of a console log into a canonical frame and its :class:`RunInfo`."""
-    info = RunInfo(name=run, sources=[SOURCE], files=[file])
-    p = parse_console(text)
+def _dedupe_stale_bars(p: ConsoleParse) -> int:
+    """A progress bar re-printed with the same postfix (Lightning freezes it while validation runs) is one
+    measurement, not a flat curve: consecutive bar records with identical values keep the first. Returns how many
+    were dropped."""
+    keep = [not (k == "bar" and r > 0 and p.kind[r - 1] == "bar" and p.pairs[r] == p.pairs[r - 1])
+            for r, k in enumerate(p.kind)]
+    dropped = keep.count(False)
+    if dropped:
+        for name in ("line", "step", "epoch", "counter", "kind", "pairs", "raw_keys", "keras_epoch"):
+            values = getattr(p, name)
+            setattr(p, name, [v for v, ok in zip(values, keep) if ok])
+    return dropped
+
+
+def _config_into_info(p: ConsoleParse, info: RunInfo) -> None:
     cfg = {k: v for k, v in p.config.items() if k not in _CONFIG_PRIVATE}
     info.config.update(cfg)
     for key in ("logging_steps", "eval_steps", "save_steps"):
@@ -253,27 +274,23 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     elif p.max_steps_hint:
         info.max_steps = int(p.max_steps_hint)
 
-    steps, how = _resolve_steps(p, info)
-    rows_metric: list[str] = []
-    rows_raw: list[str] = []
-    rows_step: list[int] = []
-    rows_value: list[float] = []
+
+def _rows(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[str, list[Any]]:
+    """Long rows (metric, raw name, step, value) of every record and every loss-scale message."""
+    rows: dict[str, list[Any]] = {"metric": [], "raw_metric": [], "step": [], "value": []}
     for r, values in enumerate(p.pairs):
         raw = p.raw_keys[r]
         for key, value in values.items():
-            rows_metric.append(_metric_name(key, p.kind[r]))
-            rows_raw.append(raw.get(key, key))
-            rows_step.append(int(steps[r]))
-            rows_value.append(value)
-    rename = _fallback_names(set(rows_metric))
+            rows["metric"].append(_metric_name(key, p.kind[r]))
+            rows["raw_metric"].append(raw.get(key, key))
+            rows["step"].append(int(steps[r]))
+            rows["value"].append(value)
+    rename = _fallback_names(set(rows["metric"]))
     if rename:
-        rows_metric = [rename.get(m, m) for m in rows_metric]
-        info.notes.append(
-            f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items()) + " (the log has no plain one)"
-        )
-
-    # fp16 loss-scale messages: each is a skipped step with the new scale
-    if p.overflow:
+        rows["metric"] = [rename.get(m, m) for m in rows["metric"]]
+        info.notes.append(f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items())
+                          + " (the log has no plain one)")
+    if p.overflow:  # fp16 loss-scale messages: each is a skipped step with the new scale
         bars = _training_bars(p)
         tq_lines = [ln for ln, _, _ in bars]
         ov_steps = []
@@ -286,21 +303,17 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
         if not tq_lines:
             info.notes.append(f"{file}: loss-scale messages carry no step: numbered 1..{len(p.overflow)} in order")
         for s, (_, scale) in zip(ov_steps, p.overflow):
-            rows_metric += ["train/loss_scale", "train/overflow"]
-            rows_raw += ["loss scale (overflow message)", "overflow message"]
-            rows_step += [s, s]
-            rows_value += [scale, 1.0]
+            rows["metric"] += ["train/loss_scale", "train/overflow"]
+            rows["raw_metric"] += ["loss scale (overflow message)", "overflow message"]
+            rows["step"] += [s, s]
+            rows["value"] += [scale, 1.0]
+    return rows
 
-    frame = (
-        make_frame(run=run, source=SOURCE, metric=rows_metric, step=rows_step, value=rows_value, raw_metric=rows_raw)
-        if rows_metric
-        else empty_frame()
-    )
 
-    # the end of the log: a crash after the last metric line
+def _end_of_log(text: str, p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[str, Any] | None:
+    """A crash after the last metric line (comment lines, ``# ...``, are notes around a pasted log, never one)."""
     lines = text.splitlines()
     start = p.line[-1] if p.line else 0
-    # comment lines ("# ...") are notes around a pasted log, never the crash itself
     tail = "\n".join("" if ln.lstrip().startswith("# ") else ln for ln in lines[start:])
     crash = find_crash(tail, offset_line=start)
     if crash is not None:
@@ -309,14 +322,23 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     info.loss_scale_at_minimum = p.scale_floor_line is not None
     info.summary.update({k: v for k, v in p.summary.items() if k.startswith("train_") or k in ("total_flos",)})
     info.finished = True if p.finished else (False if p.has_banner else None)
-    stats = LogStats(
-        file=file,
-        lines=p.n_lines,
-        records=len(p.line),
-        step_axis=how,
-        printed_start=p.has_banner,
-        overflow_messages=len(p.overflow),
-    )
+    return crash
+
+
+def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> Imported:
+    """Parse the text of a console log into a canonical frame and its :class:`RunInfo`."""
+    info = RunInfo(name=run, sources=[SOURCE], files=[file])
+    p = parse_console(text)
+    stale = _dedupe_stale_bars(p)
+    if stale:
+        info.notes.append(f"{file}: {stale} progress-bar line(s) re-printed the same values (a stale postfix): read once")
+    _config_into_info(p, info)
+    steps, how = _resolve_steps(p, info)
+    rows = _rows(p, steps, info, file)
+    frame = make_frame(run=run, source=SOURCE, **rows) if rows["metric"] else empty_frame()
+    crash = _end_of_log(text, p, steps, info, file)
+    stats = LogStats(file=file, lines=p.n_lines, records=len(p.line), step_axis=how, printed_start=p.has_banner,
+                     overflow_messages=len(p.overflow), last_counter=p.last_counter)
     info.logs.append(stats)
     if p.line:
         info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
@@ -326,10 +348,8 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
         info.notes.append(f"{file}: no metric lines; the log ends in a crash ({crash['kind']})")
     elif not p.overflow:
         info.unread_logs.append(stats)
-        info.notes.append(
-            f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
-            "'key: value' / 'key=value' loggers, progress bars, loss-scale messages"
-        )
+        info.notes.append(f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
+                          "'key: value' / 'key=value' loggers, progress bars, loss-scale messages")
     return Imported.one(frame, info)
 
 

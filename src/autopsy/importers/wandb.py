@@ -4,8 +4,10 @@
   wandb ships no Python reader for ``.wandb`` files, so the record log is read here
   (:mod:`autopsy.importers._leveldb_log`) and each record decoded with wandb's own
   ``wandb.proto.wandb_internal_pb2.Record``: history rows, config and summary updates, the run
-  record and the exit record. A synced directory's ``files/config.yaml`` and
-  ``files/wandb-summary.json`` are read too (config values unwrapped from ``{"value": ...}``).
+  record and the exit record, and the machine's ``stats`` samples and ``environment``
+  (:mod:`autopsy.importers._wandb_system`: ``system/`` metrics on the step axis, the GPU into the config). A synced
+  directory's ``files/config.yaml``, ``files/wandb-summary.json`` and ``files/wandb-metadata.json`` are read too
+  (config values unwrapped from ``{"value": ...}``).
 The public API (``wandb://``) is :mod:`autopsy.importers.wandb_api`'s, history exports
 :mod:`autopsy.importers.wandb_export`'s; the three share :mod:`autopsy.importers._wandb_history`. A missing exit
 record or a non-zero exit code is kept in the run info and noted: it is evidence of a crash or a kill.
@@ -34,6 +36,7 @@ from autopsy.importers._wandb_history import (
     plain_summary,
     unwrap,
 )
+from autopsy.importers._wandb_system import SystemCollector, machine_from_metadata
 from autopsy.runinfo import Damage, RunInfo
 
 __all__ = ["KIND", "PRIORITY", "claims", "finalize", "read", "read_wandb_file", "run_roots"]
@@ -42,6 +45,7 @@ KIND = "wandb"
 PRIORITY = 1  # every logged step, with wall times; after TensorBoard on a tie
 MAX_BYTES = 4 << 30  # a .wandb file of more than 4 GiB is read only up to here
 RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-\w+$")
+_RUN_FILES = ("config.yaml", "wandb-summary.json", "wandb-metadata.json")
 _INTERNAL_LOGS = ("debug.log", "debug-internal.log", "debug-core.log", "debug-cli.log")
 
 
@@ -51,12 +55,12 @@ def _run_dir(path: Path) -> Path | None:
 
 
 def claims(path: Path) -> int:
-    """A run's ``.wandb`` record log, its ``files/config.yaml`` and ``files/wandb-summary.json``; W&B's own debug logs
-    are known (-1), so that they are never read as the training's console."""
+    """A run's ``.wandb`` record log, its ``files/config.yaml``, ``wandb-summary.json`` and ``wandb-metadata.json``
+    (the machine); W&B's own debug logs are known (-1), so that they are never read as the training's console."""
     name, parent = path.name, path.parent
     if name.endswith(".wandb"):
         return 2
-    if name in ("config.yaml", "wandb-summary.json") and parent.name == "files" and RUN_DIR.match(parent.parent.name):
+    if name in _RUN_FILES and parent.name == "files" and RUN_DIR.match(parent.parent.name):
         return 2
     if name in _INTERNAL_LOGS and (
         parent.name == "wandb" or (parent.name == "logs" and RUN_DIR.match(parent.parent.name))
@@ -115,6 +119,62 @@ def read_wandb_file(path: Path, *, run: str, info: RunInfo) -> pd.DataFrame:
         return empty_frame()
 
 
+class _Records:
+    """Folds the records of one ``.wandb`` file as they stream by: history cells, config and summary updates, the
+    run and exit records, and the machine's samples (:class:`~autopsy.importers._wandb_system.SystemCollector`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.keys: list[str] = []
+        self.vals: list[str] = []
+        self.stepnum: list[int] = []
+        self.config: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self.undecodable = 0
+        self.exit_code: int | None = None
+        self.has_exit = False
+        self.system = SystemCollector()
+
+    def add(self, rec: Any, raw: bytes) -> None:
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            row = len(self.stepnum)
+            hist = rec.history
+            self.stepnum.append(hist.step.num if hist.HasField("step") else row)
+            items = hist.item
+            self.rows.extend([row] * len(items))
+            self.keys.extend([i.key or ".".join(i.nested_key) for i in items])
+            self.vals.extend([i.value_json for i in items])
+        elif kind == "stats":
+            self.system.add_stats(rec.stats, raw)
+        elif kind in ("output_raw", "output"):
+            self.system.add_console(getattr(rec, kind).line)
+        elif kind == "config":
+            _apply_updates(self.config, rec.config.update, rec.config.remove)
+        elif kind == "summary":
+            _apply_updates(self.summary, rec.summary.update, rec.summary.remove)
+        elif kind == "run":
+            self._run(rec.run)
+        elif kind == "environment":
+            self.system.add_environment(rec.environment)
+        elif kind == "exit":
+            self.has_exit = True
+            self.exit_code = int(rec.exit.exit_code)
+
+    def _run(self, r: Any) -> None:
+        _apply_updates(self.config, r.config.update, r.config.remove)
+        _apply_updates(self.summary, r.summary.update, r.summary.remove)
+        meta = {"id": r.run_id, "project": r.project, "entity": r.entity, "name": r.display_name}
+        if r.HasField("start_time"):
+            meta["start_time"] = r.start_time.seconds + r.start_time.nanos / 1e9
+        if r.HasField("telemetry") and r.telemetry.cli_version:
+            meta["client"] = r.telemetry.cli_version
+        if r.resumed:
+            meta["resumed"] = True
+        self.meta.update({k: v for k, v in meta.items() if v not in ("", None)})
+
+
 def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, info: RunInfo) -> pd.DataFrame:
     """The records of an open ``.wandb`` file, streamed block by block (memory: the decoded history, not the file)."""
     from autopsy.importers._leveldb_log import LogStream
@@ -126,57 +186,64 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
         return empty_frame()
     if size > MAX_BYTES:
         info.notes.append(f"{path}: read the first {MAX_BYTES} of {size} bytes")
-
     Record = pb.Record
-    h_rows: list[int] = []
-    h_keys: list[str] = []
-    h_vals: list[str] = []
-    h_stepnum: list[int] = []
-    config: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    undecodable = 0
-    exit_code: int | None = None
-    has_exit = False
+    got = _Records()
     for raw in log:
         rec = Record()
         try:
             rec.ParseFromString(raw)
         except Exception:  # google.protobuf.message.DecodeError and friends: one bad record, not the file
-            undecodable += 1
+            got.undecodable += 1
             continue
-        kind = rec.WhichOneof("record_type")
-        if kind == "history":
-            row = len(h_stepnum)
-            hist = rec.history
-            h_stepnum.append(hist.step.num if hist.HasField("step") else row)
-            items = hist.item
-            h_rows.extend([row] * len(items))
-            h_keys.extend([i.key or ".".join(i.nested_key) for i in items])
-            h_vals.extend([i.value_json for i in items])
-        elif kind == "config":
-            _apply_updates(config, rec.config.update, rec.config.remove)
-        elif kind == "summary":
-            _apply_updates(summary, rec.summary.update, rec.summary.remove)
-        elif kind == "run":
-            r = rec.run
-            _apply_updates(config, r.config.update, r.config.remove)
-            _apply_updates(summary, r.summary.update, r.summary.remove)
-            meta = {"id": r.run_id, "project": r.project, "entity": r.entity, "name": r.display_name}
-            if r.HasField("start_time"):
-                meta["start_time"] = r.start_time.seconds + r.start_time.nanos / 1e9
-            if r.HasField("telemetry") and r.telemetry.cli_version:
-                meta["client"] = r.telemetry.cli_version
-            if r.resumed:
-                meta["resumed"] = True
-            slot = info.config.setdefault("wandb", {})
-            if isinstance(slot, dict):
-                slot.update({k: v for k, v in meta.items() if v not in ("", None)})
-        elif kind == "exit":
-            has_exit = True
-            exit_code = int(rec.exit.exit_code)
-    if undecodable:
+        got.add(rec, raw)
+    _note_log(info, path, log, got)
+    slot = info.config.setdefault("wandb", {})
+    if isinstance(slot, dict):
+        slot.update(got.meta)
+    for key, value in _decoded(got.config).items():
+        if key != "_wandb":
+            info.config.setdefault(key, unwrap(value))
+    for key, value in plain_summary(_decoded(got.summary)).items():
+        info.summary.setdefault(key, value)
+    _note_exit(info, path, has_exit=got.has_exit, exit_code=got.exit_code)
+    history = empty_frame()
+    if got.rows:
+        values, keep = parse_values(np.asarray(got.vals, dtype=object))
+        history = history_frame(
+            np.asarray(got.rows, dtype=np.int64)[keep],
+            np.asarray(got.keys, dtype=object)[keep],
+            values[keep],
+            run=run,
+            source=SOURCE,
+            info=info,
+            fallback_step=np.asarray(got.stepnum, dtype=np.int64),
+        )
+    clean_end = got.has_exit and got.exit_code == 0 and len(history) > 0
+    system = got.system.frame(
+        history,
+        run=run,
+        source=SOURCE,
+        info=info,
+        start=got.meta.get("start_time"),
+        end=float(np.nanmax(history["wall_time"].to_numpy())) if clean_end else None,
+    )
+    if len(system) == 0:
+        return history
+    if len(history) == 0:
+        return system
+    both = pd.concat([history, system], ignore_index=True)
+    cols = ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")
+    return make_frame(**{c: both[c].to_numpy() for c in cols})
+
+
+def _note_log(info: RunInfo, path: Path, log: Any, got: _Records) -> None:
+    """What reading the record log skipped or assumed: undecodable records, damaged blocks, a padded tail, an unknown
+    log version."""
+    info.notes.extend(f"{path.name}: {note}" for note in getattr(log, "notes", []))
+    if got.undecodable:
         info.notes.append(
-            f"{path}: {undecodable} of {log.n_records} records could not be decoded by this wandb's protobuf; skipped"
+            f"{path}: {got.undecodable} of {log.n_records} records could not be decoded by this wandb's protobuf; "
+            "skipped"
         )
     if log.problems:
         first = log.problems[0][0]
@@ -187,7 +254,7 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
                 file=str(path),
                 offset=first,
                 problem=problems + more,
-                salvaged=f"{log.n_records} records ({len(h_stepnum)} history rows) read; "
+                salvaged=f"{log.n_records} records ({len(got.stepnum)} history rows) read; "
                 f"{log.skipped_bytes} bytes skipped",
             )
         )
@@ -195,20 +262,6 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
         info.notes.append(
             f"{path}: ends in {log.padded_tail} zero bytes of block padding (the writer was stopped mid-block)"
         )
-    for key, value in _decoded(config).items():
-        if key != "_wandb":
-            info.config.setdefault(key, unwrap(value))
-    for key, value in plain_summary(_decoded(summary)).items():
-        info.summary.setdefault(key, value)
-    _note_exit(info, path, has_exit=has_exit, exit_code=exit_code)
-    if not h_rows:
-        return empty_frame()
-    values, keep = parse_values(np.asarray(h_vals, dtype=object))
-    rows = np.asarray(h_rows, dtype=np.int64)[keep]
-    keys = np.asarray(h_keys, dtype=object)[keep]
-    return history_frame(
-        rows, keys, values[keep], run=run, source=SOURCE, info=info, fallback_step=np.asarray(h_stepnum, dtype=np.int64)
-    )
 
 
 def _apply_updates(target: dict[str, Any], updates: Iterable[Any], removes: Iterable[Any] = ()) -> None:
@@ -262,6 +315,8 @@ def _read_run_files(files_dir: Path, info: RunInfo) -> None:
                 if str(key) not in ("_wandb", "wandb_version"):
                     info.config.setdefault(str(key), unwrap(value))
         info.files.append(str(cfg_path))
+    if (files_dir / "wandb-metadata.json").is_file():
+        machine_from_metadata(files_dir / "wandb-metadata.json", info)
     sum_path = files_dir / "wandb-summary.json"
     if sum_path.is_file():
         try:

@@ -20,7 +20,7 @@ import pandas as pd
 from autopsy.findings import Finding, RunReport, Severity
 from autopsy.metrics import loss_metrics
 from autopsy.runinfo import configured_max_grad_norm, warmup_end_step
-from autopsy.series import metric_names, series
+from autopsy.series import metric_names, series, wall_times
 
 __all__ = ["Plot", "downsample_minmax", "grad_norm_threshold", "run_plots"]
 
@@ -305,8 +305,78 @@ def _lr_plot(run: RunReport, findings: list[Finding], *, width: float, height: f
     return Plot("learning_rate", "learning rate", fmt, c.render(fmt), tuple(c.notes))
 
 
+_GPU_PLOTS = (
+    ("memory_allocated_pct", "gpu_memory", "machine: GPU memory per rank (% of the card)", "memory %"),
+    ("util_pct", "gpu_util", "machine: GPU utilisation per rank (%)", "utilisation %"),
+)
+_RATES = ("train/tokens_per_second", "train/tokens_per_second_per_gpu", "train/samples_per_second", "train/mfu")
+
+
+def _steps_of(frame: pd.DataFrame, metrics: list[str]) -> list[float]:
+    """The first and last step of these metrics (empty when none has a point)."""
+    spans = [s.index for s in (series(frame, m) for m in metrics) if len(s)]
+    return [float(min(i.min() for i in spans)), float(max(i.max() for i in spans))] if spans else []
+
+
+def _rate(frame: pd.DataFrame, names: frozenset[str]) -> tuple[str, pd.Series] | None:
+    """The logged throughput, else tokens/s from a cumulative token count over the wall time of its logs."""
+    rate = next((m for m in _RATES if m in names), None)
+    if rate is not None:
+        return rate, series(frame, rate)
+    if "train/num_tokens" not in names:
+        return None
+    s, w = series(frame, "train/num_tokens"), wall_times(frame, "train/num_tokens")
+    dv, dt = np.diff(s.to_numpy()), np.diff(w.to_numpy())
+    ok = dt > 0
+    if not ok.any():
+        return None
+    return "tokens/s", pd.Series(dv[ok] / dt[ok], index=s.index[1:][ok])
+
+
+def _machine_plots(run: RunReport, findings: list[Finding], *, width: float, height: float, fmt: str) -> list[Plot]:
+    """The machine section: each GPU's memory and utilisation (one line per rank, W&B system metrics) and the
+    throughput, on the loss plot's step range (widened to the samples' own), with the findings marked."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    frame, out = run.frame, []
+    names = metric_names(frame)
+    span = _steps_of(frame, loss_metrics(names))
+    gpu = (run.info.config.get("gpu_name") if run.info is not None else None) or ""
+    for key, name, title, ylabel in _GPU_PLOTS:
+        ranks = sorted(
+            (int(p[1]), m) for m in names if (p := m.split("."))[0] == "system/gpu" and p[1].isdigit() and p[-1] == key
+        )
+        if not ranks:
+            continue
+        c = _Canvas(title + (f": {len(ranks)} x {gpu}" if gpu else ""), width=width, height=height)
+        c.ax.set_ylabel(ylabel)
+        for i, (rank, m) in enumerate(ranks):
+            c.line(series(frame, m), label=f"GPU {rank}", color=to_hex(colormaps["tab10"](i % 10)), marker=False)
+        if key == "memory_allocated_pct":
+            c.ax.axhline(90.0, color="#d9480f", linewidth=1.2, linestyle=":", label="90% of the card")
+        c.ax.set_ylim(0, 103)
+        _finding_marks(c, findings, {m for _, m in ranks}, max_step=None)
+        lim = _steps_of(frame, [m for _, m in ranks]) + span
+        c.ax.set_xlim(min(lim), max(lim))
+        out.append(Plot(name, title, fmt, c.render(fmt), tuple(c.notes)))
+    got = _rate(frame, names)
+    if got is not None:
+        rate, values = got
+        c = _Canvas(f"machine: throughput ({rate})", width=width, height=height)
+        c.line(values, label=rate, color=_SERIES_COLORS[0], marker=False)
+        for f in findings:
+            if f.signature == "low_mfu" and "mfu" in f.evidence:
+                c.notes.append(f"MFU {float(f.evidence['mfu']):.1%}: {f.evidence.get('formula', f.summary)}")
+        marked = {rate, "train/num_tokens", "train/iter_time", "system/gpu.0.util_pct"}
+        _finding_marks(c, findings, marked, max_step=None)
+        out.append(Plot("throughput", f"machine: throughput ({rate})", fmt, c.render(fmt), tuple(c.notes)))
+    return out
+
+
 def run_plots(run: RunReport, *, fmt: str = "svg", width: float = 9.0, height: float = 3.2) -> list[Plot]:
-    """The annotated plots of one run (loss, grad norm, LR: those it logged). Deterministic bytes."""
+    """The annotated plots of one run (loss, grad norm, LR, and the machine: each GPU's memory and utilisation, the
+    throughput; those it logged). Deterministic bytes."""
     if run.frame is None or run.frame.empty:
         return []
     import matplotlib  # Figure + savefig draw with Agg/SVG directly: no pyplot, no global backend switch
@@ -326,4 +396,5 @@ def run_plots(run: RunReport, *, fmt: str = "svg", width: float = 9.0, height: f
             p = make(run, findings, width=width, height=height, fmt=fmt)
             if p is not None:
                 out.append(p)
+        out += _machine_plots(run, findings, width=width, height=height, fmt=fmt)
     return out
