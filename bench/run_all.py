@@ -1,6 +1,6 @@
 """Run every benchmark in turn; each writes its own RESULTS.md beside it.
 
-    .venv/bin/python bench/run_all.py [tensorboard detectors replay]
+    .venv/bin/python bench/run_all.py [tensorboard detectors replay fleet reliability]
 
 Benchmarks measure whole processes on this machine (medians, ratios against the peer measured in the
 same run); they are never asserted in the unit tests.
@@ -17,6 +17,8 @@ BENCHES = {
     "tensorboard": [HERE / "tensorboard" / "bench_tb.py"],
     "detectors": [HERE / "detectors" / "run.py"],
     "replay": [HERE / "replay" / "bench_localize.py"],
+    "fleet": [HERE / "fleet" / "bench_fleet.py"],
+    "reliability": [HERE / "reliability" / "run.py"],
 }
 
 

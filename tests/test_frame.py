@@ -39,7 +39,8 @@ def test_columns_and_dtypes():
     f = make_frame(run="r", source="s", metric=["train/loss"], step=[1], value=[np.nan])
     assert list(f.columns) == COLUMNS
     assert f["step"].dtype == np.int64 and f["value"].dtype == np.float64
-    assert np.isnan(f["value"].iloc[0]) and np.isnan(f["wall_time"].iloc[0])
+    assert np.isnan(f["value"].iloc[0]) and pd.isna(f["wall_time"].iloc[0])
+    assert isinstance(f["wall_time"].dtype, pd.DatetimeTZDtype)
 
 
 def test_merge_prefers_the_densest_source_then_the_importers_priority():

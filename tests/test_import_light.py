@@ -32,3 +32,27 @@ def test_public_api_is_sorted_and_complete():
     for name in ("load", "analyze", "Finding", "Severity", "Report", "__version__"):
         assert name in autopsy.__all__
         assert hasattr(autopsy, name)
+
+
+def test_analyze_of_the_example_run_imports_no_torch(tmp_path):
+    """``autopsy analyze fixtures/runs/nan-at-31`` as a user runs it: the run has training_args.bin (read by walking
+    the pickle's opcodes), safetensors checkpoints (headers and weights scanned with numpy) and TensorBoard files;
+    none of it needs torch, transformers or safetensors."""
+    from helpers.paths import RUNS
+
+    run = RUNS / "nan-at-31"
+    assert (run / "checkpoint-30" / "training_args.bin").is_file() and (run / "checkpoint-30" / "model.safetensors").is_file()
+    report = tmp_path / "report.json"
+    code = (
+        "import sys, json\n"
+        "from autopsy.cli import main\n"
+        f"rc = main(['analyze', {str(run)!r}, '--out', {str(report)!r}, '--fail-on', 'never'])\n"
+        "print(json.dumps({'rc': rc,\n"
+        "    'heavy': [m for m in ('torch', 'transformers', 'safetensors', 'peft', 'accelerate') if m in sys.modules]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"rc": 0, "heavy": []}, got
+    doc = json.loads(report.read_text())
+    assert "learning_rate" in doc["runs"][0]["config"]  # training_args.bin was read
+    assert doc["runs"][0]["run_info"]["checkpoints"]  # and the checkpoints seen

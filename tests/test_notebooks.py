@@ -17,6 +17,9 @@ def test_notebook_executes(path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert outputs  # it showed something
+    if path.name.startswith("01-"):  # the postmortem shows its figures and the report itself
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+        assert any("<section" in str(o.get("data", {}).get("text/html", "")) for o in outputs)
 
 
 def test_there_are_two_notebooks():

@@ -57,6 +57,7 @@ def test_damaged_case(name, corpus):
     if rc == 2:
         assert err.strip() and err.strip().count("\n") == 0, err
         assert case.nan_grad_norm_step is None, f"salvageable case failed: {err}"
+        assert case.signature is None, f"a run with a report to give failed: {err}"
         return
     doc = json.loads(out)
     if case.nan_grad_norm_step is not None:
@@ -69,6 +70,21 @@ def test_damaged_case(name, corpus):
         damaged = [f for f in _findings(doc, "source_damaged") if f["evidence"]["file"].endswith(case.damaged_file)]
         assert damaged, "the damage was not reported"
         assert all(isinstance(f["evidence"]["offset"], int) for f in damaged)
+    _check_expectations(case, doc)
+
+
+def _check_expectations(case, doc: dict) -> None:
+    """What the newer cases add: every damaged file reported, the restart point, a note, a signature."""
+    reported = {f["evidence"]["file"] for f in _findings(doc, "source_damaged")}
+    for rel in case.also_damaged:
+        assert str(case.path / rel) in reported, (rel, reported)
+    if case.restart_step is not None:
+        assert f"(step {case.restart_step})" in doc["runs"][0]["restart"], doc["runs"][0]["restart"]
+    if case.note is not None:
+        notes = doc["runs"][0]["run_info"].get("notes", [])
+        assert any(case.note in n for n in notes), notes
+    if case.signature is not None:
+        assert _findings(doc, case.signature), [f["signature"] for r in doc["runs"] for f in r["findings"]]
 
 
 def test_truncation_offset_is_where_the_cut_is(corpus):

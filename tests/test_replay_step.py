@@ -52,6 +52,38 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory):
     return _train(tmp_path_factory.mktemp("planted") / "run", max_steps=30, plant_inf_at=25)
 
 
+@pytest.fixture(scope="session")
+def ga4_run(tmp_path_factory: pytest.TempPathFactory):
+    """The weight-decay blow-up with gradient accumulation over 4 micro-batches of 1 row."""
+    return _train(tmp_path_factory.mktemp("ga4") / "run", max_steps=40, learning_rate=1e-3, lr_scheduler_type="constant",
+                  weight_decay=5000.0, gradient_accumulation_steps=4, batch_size=1)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory: pytest.TempPathFactory):
+    """LoRA adapters on a local tiny base, blown up by the same decay (lr * weight_decay = 5 > 2 on the adapters)."""
+    from autopsy.callbacks import AutopsyCallback
+    from helpers.replay import train_lora
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    cb = AutopsyCallback(stop_on="nonfinite", keep_last=10)
+    train_lora(out, max_steps=60, callbacks=[cb], learning_rate=1e-3, weight_decay=5000.0, lr_scheduler_type="constant")
+    return out, cb
+
+
+RUNS = ("decay_run", "planted_run", "ga4_run", "lora_run")
+
+
+def _hf_log(run: Path) -> dict[int, dict]:
+    """What HF's Trainer logged each step (logging_steps=1): trainer_state.json's log_history."""
+    state = json.loads((run / "trainer_state.json").read_text())
+    return {h["step"]: h for h in state["log_history"] if "grad_norm" in h}
+
+
+def _hf_first_bad(run: Path) -> int:
+    return next(s for s, h in sorted(_hf_log(run).items()) if not math.isfinite(float(h["grad_norm"])))
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: float(r["loss"]) for r in map(json.loads, (run / "autopsy" / "losses.jsonl").read_text().splitlines())}
 
@@ -61,8 +93,69 @@ def _first_bad(run: Path) -> int:
     return next(r["step"] for r in recs if not all(math.isfinite(float(r[k])) for k in ("loss", "grad_norm")))
 
 
+@pytest.mark.parametrize("kind", RUNS)
+def test_callback_records_the_pre_clip_norm_hf_logs_and_stops_at_its_first_nonfinite_step(kind, request):
+    """transformers calls on_pre_optimizer_step after clipping: the callback's norm is the pre-clip one HF logs."""
+    run, cb = request.getfixturevalue(kind)
+    hf = _hf_log(run)
+    recs = {r["step"]: r for r in map(json.loads, (run / "autopsy" / "losses.jsonl").read_text().splitlines())}
+    bad = _hf_first_bad(run)
+    assert cb.first_bad_step == bad == max(recs)  # stopped at the step HF logged as the first non-finite norm
+    if kind in ("decay_run", "ga4_run"):  # clipping fired (max_grad_norm 1.0): a clipped norm would read ~1.0
+        assert any(float(h["grad_norm"]) > 10.0 for h in hf.values() if math.isfinite(float(h["grad_norm"])))
+    for step, h in hf.items():
+        ours, theirs = float(recs[step]["grad_norm"]), float(h["grad_norm"])
+        assert ours == pytest.approx(theirs, rel=1e-5) or (math.isnan(ours) and math.isnan(theirs)) or ours == theirs
+        assert float(recs[step]["loss"]) == pytest.approx(float(h["loss"]), rel=1e-5) or step == bad
+    assert (run / "autopsy" / f"weights-before-step-{bad}").is_dir()
+    meta = json.loads((run / "autopsy" / "run.json").read_text())
+    assert meta["grad_norm"] == "pre_clip" and meta["weights_dtype"] == "float32" and meta["attn_implementation"]
+
+
+@pytest.mark.parametrize("kind", RUNS)
+def test_replay_of_the_output_dir_replays_the_step_hf_logged(kind, request, capsys):
+    run, _ = request.getfixturevalue(kind)
+    bad = _hf_first_bad(run)
+    rc, rep = _replay(run, capsys)
+    assert rc == 0
+    r = rep["runs"][0]
+    assert r["config"]["step"] == bad and r["config"]["first_nonfinite"]["step"] == bad
+    assert Path(r["config"]["checkpoint"]).name == f"weights-before-step-{bad}"
+    others = sorted(p.name for p in (run / "autopsy").glob("batches-step-*.safetensors") if p.name != f"batches-step-{bad}.safetensors")
+    assert sorted(Path(c["file"]).name for c in r["config"].get("other_candidates", [])) == others  # listed, not replayed
+    assert all(c["reason"] == "spike" for c in r["config"].get("other_candidates", []))
+    lead = r["findings"][0]
+    assert lead["signature"] in ("nonfinite_origin", "grad_norm_overflow") and lead["step"] == bad
+    assert lead["evidence"]["module"] or lead["evidence"].get("explained_by")
+    if kind == "planted_run":
+        assert (lead["evidence"]["module"], lead["evidence"]["phase"]) == (UP, "forward")
+
+
+@pytest.mark.parametrize("kind", ["ga4_run", "lora_run"])  # decay_run: test_step_replay_reproduces_the_optimizer_made_failure
+def test_step_replay_reproduces_the_step_hf_logged(kind, request, capsys):
+    run, _ = request.getfixturevalue(kind)
+    bad = _hf_first_bad(run)
+    ck = f"checkpoint-{(bad - 1) // 10 * 10}"
+    rc, rep = _step_replay(run, ck, capsys)
+    assert rc == 0
+    r = rep["runs"][0]
+    assert r["config"]["state_loaded"] == {"optimizer": True, "scheduler": True, "rng": True} and r["skipped"] == []
+    (f,) = [f for f in r["findings"] if f["signature"] in ("nonfinite_origin", "grad_norm_overflow")]
+    assert f["step"] == bad and f["evidence"]["reproduced"] and f["evidence"]["first_nonfinite_step"] == bad
+    orig = _losses(run)
+    for t in f["evidence"]["trajectory"][:-1]:  # the replayed steps follow the original run
+        assert t["loss"] == pytest.approx(orig[t["step"]], rel=1e-5)
+
+
+def _replay(run: Path, capsys) -> tuple[int, dict]:
+    capsys.readouterr()  # a session fixture trained just now may have printed HF's logs
+    rc = main(["replay", str(run), "--format", "json", "--fail-on", "never"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
 def _step_replay(run: Path, ck: str, capsys) -> tuple[int, dict]:
-    rc = main(["replay", str(run), "--from", ck, "--format", "json"])
+    capsys.readouterr()  # a session fixture trained just now may have printed HF's logs
+    rc = main(["replay", str(run), "--from", ck, "--format", "json", "--fail-on", "never"])
     return rc, json.loads(capsys.readouterr().out)
 
 
@@ -76,7 +169,7 @@ def test_step_replay_reproduces_the_optimizer_made_failure(decay_run, capsys):
     r = rep["runs"][0]
     assert r["config"]["state_loaded"] == {"optimizer": True, "scheduler": True, "rng": True}
     assert r["config"]["max_grad_norm"] == 1.0 and r["config"]["optimizer"] == "AdamW" and r["skipped"] == []
-    (f,) = [f for f in r["findings"] if f["signature"] == "nonfinite_origin"]
+    (f,) = [f for f in r["findings"] if f["signature"] in ("nonfinite_origin", "grad_norm_overflow")]
     ev = f["evidence"]
     assert f["step"] == bad and ev["first_nonfinite_step"] == bad and ev["original_first_bad_step"] == bad and ev["reproduced"]
     start = int(ck.split("-")[1])
@@ -131,6 +224,30 @@ def test_state_file_with_an_unknown_global_is_refused_and_replay_goes_on(planted
     orig = _losses(run)
     traj = r["findings"][0]["evidence"]["trajectory"]  # the rebuilt schedule gives the same learning rates
     assert all(t["loss"] == pytest.approx(orig[t["step"]], rel=1e-5) for t in traj[:-1])
+
+
+def test_zip_bombs_in_the_optimizer_and_rng_files_are_refused_and_replay_goes_on(planted_run, tmp_path, capsys):
+    """A few-hundred-KB optimizer.pt / rng_state.pth that would inflate past what such a file can hold for this model
+    is not inflated: the replay runs without that state and says why."""
+    import helpers.replay as S
+    from autopsy.replay.state import SMALL_STATE_CAP, optimizer_cap
+
+    run, _ = planted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run / "checkpoint-20", copy / "checkpoint-20")
+    shutil.copytree(run / "autopsy", copy / "autopsy")
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(str(copy / "checkpoint-20" / "model.safetensors")).values())
+    S.zip_bomb(copy / "checkpoint-20" / "optimizer.pt", optimizer_cap(params) + (16 << 20))
+    S.zip_bomb(copy / "checkpoint-20" / "rng_state.pth", SMALL_STATE_CAP + (16 << 20))
+    rc, rep = _step_replay(copy, "checkpoint-20", capsys)
+    assert rc == 0
+    r = rep["runs"][0]
+    assert r["config"]["state_loaded"] == {"optimizer": False, "scheduler": True, "rng": False}
+    notes = [s["reason"] for s in r["skipped"]]
+    assert any(n.startswith("optimizer.pt was not loaded: it inflates to") for n in notes)
+    assert any(n.startswith("rng_state.pth was not loaded: it inflates to") for n in notes)
 
 
 def test_batches_not_recorded_since_the_checkpoint_is_one_line_error(planted_run, capsys):

@@ -9,7 +9,8 @@ import pytest
 
 from autopsy.findings import RunReport
 from autopsy.frame import make_frame
-from autopsy.report.plots import downsample_minmax, grad_norm_threshold, run_plots
+from autopsy.report.plots import MIN_REL_SPAN, downsample_minmax, grad_norm_threshold, run_plots, run_specs, y_range
+from autopsy.series import series
 from helpers.report import synthetic_report
 
 
@@ -73,3 +74,36 @@ def test_plots_are_deterministic(fmt):
 
 def test_no_frame_no_plots():
     assert run_plots(RunReport(run="x")) == []
+
+
+def test_y_range_shows_a_flat_curve_flat_and_fills_a_varied_one():
+    flat = np.array([1.390, 1.395, 1.399, 1.392])
+    lo, hi = y_range([flat])
+    assert hi - lo >= MIN_REL_SPAN * 1.399 and lo < 1.390 and hi > 1.399
+    assert (flat.max() - flat.min()) / (hi - lo) < 0.2
+    varied = np.linspace(0.0, 10.0, 50)
+    lo, hi = y_range([varied])
+    assert lo == pytest.approx(-0.5) and hi == pytest.approx(10.5)  # 5% of the span on each side
+    lo, hi = y_range([np.zeros(5)])
+    assert lo < 0 < hi  # all zeros: a range around 0, not a degenerate one
+    lo, hi = y_range([flat], include=(1.0,))
+    assert lo < 1.0 and hi > 1.399  # a reference line (a clip threshold) is always in view
+    lo, hi = y_range([np.array([1.0, 1000.0])], log=True)
+    assert lo < 1.0 and hi > 1000.0 and np.log10(hi / lo) == pytest.approx(3 * 1.1)
+
+
+def test_specs_describe_what_the_figures_draw():
+    run = synthetic_report().runs[0]
+    specs = {s.name: s for s in run_specs(run)}
+    loss, grad, lr = specs["loss"], specs["grad_norm"], specs["learning_rate"]
+    assert [ln.label for ln in loss.lines] == ["train/loss", "eval/loss"] and loss.lines[1].markers
+    nan = next(m for m in loss.marks if m.y is None)
+    assert nan.edge == "top" and nan.hover == "eval/loss = NaN" and list(nan.x) == [40, 50, 60]
+    zero = next(m for m in loss.marks if m.shape == "o")
+    assert list(zero.x) == list(range(31, 61)) and not zero.y.any()
+    assert [v.text for v in loss.vlines if v.on_plot][-1].endswith("@ 31")
+    (threshold,) = grad.hlines
+    assert threshold.y == 1.0 and threshold.shade == "above" and grad.y_range[0] < 1.0 < grad.y_range[1]
+    assert lr.y_sci and any(v.text == "warmup end @ 10" and not v.on_plot for v in lr.vlines)
+    finite = sum(int(np.isfinite(series(run.frame, m).to_numpy()).sum()) for m in ("train/loss", "eval/loss"))
+    assert all(s.drawable for s in specs.values()) and loss.finite_points == finite

@@ -10,13 +10,12 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from autopsy.report import render
+from helpers.cli import run_cli
 from helpers.report import HOSTILE, synthetic_report
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -50,7 +49,12 @@ def test_html_is_self_contained_escaped_and_has_every_section():
     assert html == render(synthetic_report(runs=2), "html"), "plots are not deterministic"
     # no external URL anywhere: only data: images; CSP forbids fetching
     assert not re.search(r"(?:src|href)\s*=\s*[\"'](?!data:|#)", html)
-    assert "http://" not in html and "https://" not in html and "<script" not in html.lower().replace("&lt;script", "")
+    assert "http://" not in html and "https://" not in html
+    # one script, ours (the charts; the CSP lets only its hash run), and the charts' JSON data blocks: none loads a URL
+    scripts = re.findall(r"<script\b[^>]*>", html, re.I)
+    assert scripts.count("<script>") == 1
+    assert set(scripts) == {"<script>", '<script type="application/json" class="ac-data">'}
+    assert "script-src 'sha256-" in html and "script-src 'unsafe-inline'" not in html
     assert "default-src 'none'" in html
     # user strings are escaped (the run name and a config key carry markup)
     assert HOSTILE not in html and "<b>odd key</b>" not in html
@@ -94,18 +98,14 @@ def test_markdown_writes_plots_beside_it(tmp_path):
     assert "Restart:** restart from runs/" in md and "checkpoint-30 (step 30), 1 step to redo" in md
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "autopsy", *map(str, args)], capture_output=True, text=True)
-
-
 def test_nan_run_html_and_markdown_name_the_failure(nan_run, tmp_path):
     """Acceptance: the real Trainer run that went NaN after step 30, as a user runs it."""
     before = sorted(p.name for p in nan_run.rglob("*"))
     html_out, md_out = tmp_path / "report.html", tmp_path / "report.md"
-    r = _cli("analyze", nan_run, "--out", html_out)  # the extension picks html
-    assert r.returncode == 0, r.stderr
-    r = _cli("analyze", nan_run, "--format", "markdown", "--out", md_out)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("analyze", nan_run, "--out", html_out)  # the extension picks html
+    assert r.returncode == 1, r.stderr  # the run FAILED: exit 1, the report written all the same
+    r = run_cli("analyze", nan_run, "--format", "markdown", "--out", md_out)
+    assert r.returncode == 1, r.stderr
     html, md = html_out.read_text(), md_out.read_text()
     assert html.startswith("<!DOCTYPE html>")
     assert len(re.findall(r'<img class="plot"[^>]* src="data:image/svg\+xml;base64,', html)) >= 2
@@ -117,8 +117,8 @@ def test_nan_run_html_and_markdown_name_the_failure(nan_run, tmp_path):
         assert "checkpoint-30" in text
     assert len(list((tmp_path / "report_plots").glob("*.png"))) >= 2
     assert sorted(p.name for p in nan_run.rglob("*")) == before, "the analysed directory was written to"
-    r = _cli("analyze", nan_run, "--format", "markdown", "--out", tmp_path / "np.md", "--no-plots")
-    assert r.returncode == 0 and not (tmp_path / "np_plots").exists() and "![" not in (tmp_path / "np.md").read_text()
+    r = run_cli("analyze", nan_run, "--format", "markdown", "--out", tmp_path / "np.md", "--no-plots")
+    assert r.returncode == 1 and not (tmp_path / "np_plots").exists() and "![" not in (tmp_path / "np.md").read_text()
 
 
 def test_several_runs_make_one_report_with_a_comparison(nan_run, healthy_run):

@@ -65,8 +65,9 @@ def test_bare_nan_infinity_multi_eval_and_trl_metrics(tmp_path):
         '{"step": 1, "loss": 0.6931, "rewards/chosen": 0.0, "logps/rejected": -12.5, "kl": 0.0},'
         '{"step": 2, "loss": NaN, "grad_norm": Infinity},'
         '{"step": 2, "eval_loss": 1.5, "eval_squad_loss": 2.5, "eval_wiki_loss": -Infinity},'
-        '{"step": 3, "train_runtime": 1.0, "train_loss": 0.9, "total_flos": 1},'
-        '{"loss": 0.5}]}'
+        '{"step": 3, "grad_norm": 1.0},'
+        '{"loss": 0.5},'
+        '{"step": 3, "train_runtime": 1.0, "train_loss": 0.9, "total_flos": 1}]}'
     )
     (tmp_path / "trainer_state.json").write_text(text)
     frame = autopsy.load(tmp_path)

@@ -19,7 +19,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -33,7 +32,6 @@ from helpers.paths import REAL_LOGS, RUNS
 
 FIXTURE_FILES = sorted(RUNS.glob("*/checkpoint-*/training_args.bin"))
 MiB = 2**20
-TIME_BOUND_S = 10.0  # each hostile case takes well under a second alone: slower is a hang or an expansion
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,9 +384,8 @@ def test_zip_bomb_refused_by_its_declared_size_without_inflating(tmp_path, monke
     opened: list[Any] = []
     real_open = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
-    start = time.perf_counter()
     _assert_refused(read_training_args(path), "refused", "declares 67,108,864 bytes")
-    assert opened == [] and time.perf_counter() - start < TIME_BOUND_S
+    assert opened == []  # refused on the declared size: the member was never opened, so never inflated
 
 
 def test_zip_bomb_that_lies_about_its_size_is_never_inflated_past_the_cap(tmp_path, monkeypatch):
@@ -397,14 +394,12 @@ def test_zip_bomb_that_lies_about_its_size_is_never_inflated_past_the_cap(tmp_pa
     path = _bomb(tmp_path / "training_args.bin", 64 * MiB, declare=MiB // 2)
     tracemalloc.start()
     try:
-        start = time.perf_counter()
         result = read_training_args(path)
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     _assert_refused(result)
-    assert peak < 8 * MiB and elapsed < TIME_BOUND_S, (peak, elapsed)
+    assert peak < 8 * MiB, peak  # the cap held: far less than the 64 MiB the stream inflates to
 
 
 def test_pickle_over_the_cap_is_refused(tmp_path, monkeypatch):
@@ -445,9 +440,7 @@ def test_shared_references_cannot_multiply(tmp_path):
         value = [value] * 200
     pkl = pickle.dumps({"learning_rate": 1e-3, "x": value}, protocol=2)
     assert len(pkl) < 10_000
-    start = time.perf_counter()
     _assert_refused(read_training_args(_torch_zip(tmp_path / "t.bin", pkl)), "refused", "values")
-    assert time.perf_counter() - start < TIME_BOUND_S
 
 
 def test_nested_containers_keep_their_first_items(tmp_path):

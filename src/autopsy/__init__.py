@@ -14,6 +14,7 @@ from autopsy._version import __version__
 from autopsy.analysis import analyze
 from autopsy.errors import AutopsyError
 from autopsy.findings import Finding, Report, RunReport, Severity, findings_to_frame
+from autopsy.fleet import analyze_many
 from autopsy.frame import validate_frame
 from autopsy.importers import load
 from autopsy.runinfo import RunInfo, run_info
@@ -28,6 +29,7 @@ __all__ = [
     "Severity",
     "__version__",
     "analyze",
+    "analyze_many",
     "findings_to_frame",
     "load",
     "run_info",

@@ -27,9 +27,11 @@ from autopsy.runinfo import Damage, RunInfo, WeightCheck
 __all__ = [
     "CHECKPOINT_DIR",
     "WeightScan",
+    "check_headers",
     "check_run_checkpoints",
     "checkpoint_step",
     "find_checkpoints",
+    "header_problem",
     "is_adapter",
     "restart_point",
     "safetensors_header",
@@ -87,6 +89,82 @@ def safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], in
     if not isinstance(header, dict):
         raise UnreadableError(f"{p}: not a safetensors file")
     return header, 8 + n
+
+
+_ITEMSIZE = {  # safetensors dtype -> bytes per element
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3"), 1),
+    **dict.fromkeys(("I16", "U16", "F16", "BF16"), 2),
+    **dict.fromkeys(("I32", "U32", "F32"), 4),
+    **dict.fromkeys(("I64", "U64", "F64"), 8),
+}
+
+
+def header_problem(path: str | os.PathLike[str]) -> Damage | None:
+    """The cheap check of one safetensors file: its header parses, every entry's offsets fit its dtype and shape,
+    and the file is as long as the largest data offset says. Reads the header only (a few KB), never the data."""
+    p = Path(path)
+    try:
+        header, start = safetensors_header(p)
+        size = p.stat().st_size
+    except (UnreadableError, OSError) as exc:
+        return Damage(file=str(p), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing")
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        why = _entry_problem(meta)
+        if why:
+            return Damage(file=str(p), offset=8, problem=f"header entry {name!r}: {why}", salvaged="nothing")
+        end = max(end, int(meta["data_offsets"][1]))
+    if start + end > size:
+        return Damage(
+            file=str(p),
+            offset=size,
+            problem=f"cut off: {size} of {start + end} bytes (the header's largest data offset)",
+            salvaged="nothing",
+        )
+    if start + end < size:
+        return Damage(
+            file=str(p),
+            offset=start + end,
+            problem=f"{size - start - end} bytes after the last tensor (a loader refuses the file)",
+            salvaged="nothing",
+        )
+    return None
+
+
+def _entry_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "not an object"
+    offsets, shape, dtype = meta.get("data_offsets"), meta.get("shape"), meta.get("dtype")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        return "data_offsets is not a pair of integers"
+    if not 0 <= offsets[0] <= offsets[1]:
+        return f"data_offsets {offsets} run backwards"
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return "shape is not a list of sizes"
+    if dtype not in _ITEMSIZE:
+        return f"unknown dtype {dtype!r}"
+    count = 1
+    for d in shape:
+        count *= d
+    if count * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+        return f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}"
+    return None
+
+
+def check_headers(info: RunInfo) -> None:
+    """The cheap check of every checkpoint's safetensors files (:func:`header_problem`), into ``info``: damage in
+    ``info.damage``, the step in ``info.bad_checkpoints`` (never a restart point). A few KB read per file."""
+    for step, d in sorted(info.checkpoints.items()):
+        if step in info.bad_checkpoints or not os.path.isdir(d):
+            continue
+        for f in _weight_files(Path(d)):
+            problem = header_problem(f)
+            if problem is not None:
+                info.damage.append(problem)
+                info.bad_checkpoints[int(step)] = f"{f.name} is damaged: {problem.problem}"
+                break
 
 
 def _scan_file(path: Path, scan: WeightScan) -> None:
@@ -178,12 +256,12 @@ def weights_finding(path: str, nonfinite: dict[str, int], *, tensors: int, step:
         return None
     names = sorted(nonfinite)
     count = int(sum(nonfinite.values()))
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    shown = names[0] if len(names) == 1 else f"{len(names)} tensors, e.g. {names[0]}"
     return Finding(
         signature="weights_nonfinite",
         severity=Severity.CRITICAL,
         step=step,
-        summary=f"{os.path.basename(path.rstrip('/'))} holds {count} NaN/Inf values in {len(names)} tensors: {shown}",
+        summary=f"{os.path.basename(path.rstrip('/'))} holds {count} NaN/Inf weight values ({shown})",
         evidence={
             "tensors": names,
             "count": count,
@@ -205,7 +283,8 @@ def check_run_checkpoints(info: RunInfo, first_bad_step: int | None, *, max_scan
     whose weights are cut off or unreadable, or hold NaN/Inf, goes into ``info.bad_checkpoints`` (never a restart
     point); its damage into ``info.damage``.
     """
-    cks = {int(s): d for s, d in info.checkpoints.items() if os.path.isdir(d)}
+    check_headers(info)
+    cks = {int(s): d for s, d in info.checkpoints.items() if os.path.isdir(d) and int(s) not in info.bad_checkpoints}
     steps = sorted(cks)
     if not steps:
         return
@@ -233,12 +312,19 @@ def restart_point(info: RunInfo | None, first_bad_step: int) -> dict[str, Any]:
     Checkpoints known to be unusable (non-finite weights, a damaged file: ``RunInfo.bad_checkpoints``) are skipped.
     """
     out: dict[str, Any] = {"restart_checkpoint": None, "restart_step": None, "steps_to_redo": int(first_bad_step)}
-    if info is None or not info.checkpoints:
-        return out
-    good = [s for s in sorted(info.checkpoints) if s < first_bad_step and s not in info.bad_checkpoints]
+    known = dict(info.checkpoints) if info is not None else {}
+    best = _checkpoint_step(info.best_checkpoint) if info is not None and info.best_checkpoint else None
+    if best is not None and best not in known:  # trainer_state's best_model_checkpoint, its directory not here
+        known[best] = str(info.best_checkpoint) if info is not None else ""
+    bad = info.bad_checkpoints if info is not None else {}
+    good = [s for s in sorted(known) if s < first_bad_step and s not in bad]
     if good:
         step = good[-1]
-        out.update(
-            restart_checkpoint=info.checkpoints[step], restart_step=int(step), steps_to_redo=int(first_bad_step - step)
-        )
+        out.update(restart_checkpoint=known[step], restart_step=int(step), steps_to_redo=int(first_bad_step - step))
     return out
+
+
+def _checkpoint_step(name: str) -> int | None:
+    """The step of a ``checkpoint-N`` directory name (any parent path), None for another name."""
+    m = CHECKPOINT_DIR.match(os.path.basename(str(name).rstrip("/\\")))
+    return int(m.group(1)) if m else None

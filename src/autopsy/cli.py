@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
-from autopsy.errors import AutopsyError, UsageError
+from autopsy.errors import AutopsyError, InputError, UsageError
 
 app = typer.Typer(
     name="autopsy",
@@ -17,17 +17,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_EXT_FORMAT = {
-    ".json": "json",
-    ".md": "markdown",
-    ".markdown": "markdown",
-    ".html": "html",
-    ".htm": "html",
-    ".txt": "console",
-}
 
 
 def _version(value: bool) -> None:
@@ -59,6 +51,18 @@ def _parse_params(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _fail_level(text: str) -> Any:
+    """``--fail-on``: a severity, or None for ``never``."""
+    from autopsy.findings import Severity
+
+    word = text.strip().upper()
+    if word == "NEVER":
+        return None
+    if word not in Severity.__members__:
+        raise UsageError(f"--fail-on {text!r}: use info, warning, error, critical or never")
+    return Severity[word]
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
@@ -75,6 +79,35 @@ def _emit(text: str, out: Path | None) -> None:
     typer.echo(f"report written to {out}", err=True)
 
 
+def _check_out(out: Path | None, paths: list[Path]) -> None:
+    """autopsy never writes into a run directory: refuse an ``--out`` inside one of the analysed directories."""
+    if out is None:
+        return
+    target = out.resolve()
+    for p in paths:
+        if "://" in str(p) or not p.is_dir():
+            continue
+        run_dir = p.resolve()
+        if target == run_dir or run_dir in target.parents:
+            raise UsageError(
+                f"--out {out} is inside the analysed directory {p}: autopsy never writes into a run directory; "
+                "write the report elsewhere"
+            )
+
+
+def _nothing_to_judge(report: Any) -> str | None:
+    """The one-line error when no run holds anything to judge because every file read is not a training log."""
+    runs = report.runs
+    if not runs or any(r.frame is not None and not r.frame.empty for r in runs):
+        return None
+    unread = [u for r in runs if r.info is not None for u in r.info.unread_logs]
+    if not unread or any(r.info is None or not r.info.unread_logs or len(r.sources) > 1 for r in runs):
+        return None
+    u = unread[0]
+    more = f" (and {len(unread) - 1} more file(s))" if len(unread) > 1 else ""
+    return f"{u.file} is not a training log autopsy reads: no metric line in its {u.lines} line(s){more}"
+
+
 def _pick_format(fmt: str | None, out: Path | None) -> str:
     if fmt:
         f = fmt.lower()
@@ -84,19 +117,35 @@ def _pick_format(fmt: str | None, out: Path | None) -> str:
             raise UsageError(f"unknown format {fmt!r}: use console, markdown, json or html")
         return f
     if out is not None:
-        if out.suffix.lower() not in _EXT_FORMAT:
+        from autopsy.report import EXTENSIONS
+
+        if out.suffix.lower() not in EXTENSIONS:
             raise UsageError(
-                f"--out {out}: unknown extension {out.suffix or '(none)'!r}; use .html, .md, .json or .txt, or pass --format"
+                f"--out {out}: unknown extension {out.suffix or '(none)'!r}; use .html, .md, .json or .txt "
+                "(analyze also writes a table: .csv, .parquet), or pass --format"
             )
-        return _EXT_FORMAT[out.suffix.lower()]
+        return EXTENSIONS[out.suffix.lower()]
     return "console"
 
 
-def _render(report: Any, fmt: str, out: Path | None, *, plots: bool = True, verbose: bool = False) -> str:
+def _width() -> int:
+    """The console report's width: the terminal's (rich reads it, and ``COLUMNS``), else ``COLUMNS``, else 80."""
+    import os
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        return Console().width
+    cols = os.environ.get("COLUMNS", "")
+    return int(cols) if cols.isdigit() and int(cols) >= 40 else 80
+
+
+def _render(report: Any, fmt: str, out: Path | None, *, plots: bool = True, **console: Any) -> str:
     from autopsy.report import render
 
     if fmt == "console":
-        return render(report, "console", color=out is None and sys.stdout.isatty(), verbose=verbose)
+        color = out is None and sys.stdout.isatty()
+        return render(report, "console", color=color, width=80 if out is not None else _width(), **console)
     if fmt == "html":
         return render(report, "html")
     if fmt == "markdown":
@@ -116,66 +165,149 @@ def _progress(label: str) -> Any:
     return Console(stderr=True).status(label)
 
 
+def _fleet_flags(storage_options: str | None, state: Any, tag: Any, sweep: str | None, since: str | None) -> Any:
+    """The fleet's flags, checked and parsed before any file is read: storage options, W&B project filters."""
+    from autopsy.fleet.remote import parse_storage_options
+    from autopsy.importers.wandb_api import RunFilter, parse_since
+
+    runs = RunFilter(states=tuple(_split(state)), tags=tuple(_split(tag)), sweep=sweep, since=parse_since(since))
+    return {"storage_options": parse_storage_options(storage_options), "wandb_filter": runs}
+
+
+def _analyze_many(paths: list[Path], scheduler: str | None, **options: Any) -> Any:
+    """Every run of ``paths`` analysed by :func:`autopsy.fleet.analyze_many`: on the Dask cluster at ``scheduler``
+    when given, else in ``jobs`` processes, with a progress bar on a terminal."""
+    from autopsy.fleet import analyze_many
+    from autopsy.fleet.output import progress_bar
+    from autopsy.fleet.runner import connect
+
+    client = connect(scheduler)
+    try:
+        with progress_bar() as progress:
+            return analyze_many(paths, client=client, progress=progress, **options)
+    finally:
+        if client is not None:
+            client.close()
+
+
+# The options, as every command takes them
+_Paths = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Run directories, checkpoint dirs, log files, s3:// (any fsspec) URLs, wandb://entity/project\\[/run_id].",
+        show_default=False,
+    ),
+]
+_Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console)."
+    ),
+]
+_Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")]
+_FailOn = Annotated[
+    str,
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when a finding reaches this severity: info, warning, error (default: a FAILED or unhealthy "
+        "run), critical, or never.",
+    ),
+]
+_Select = Annotated[
+    list[str] | None, typer.Option("--select", help="Only these signatures or detectors (repeat or comma-separate).")
+]
+_Ignore = Annotated[list[str] | None, typer.Option("--ignore", help="Leave out these signatures or detectors.")]
+_Param = Annotated[
+    list[str] | None, typer.Option("--param", "-p", help="Override a detector parameter: DETECTOR.NAME=VALUE.")
+]
+_Engine = Annotated[str, typer.Option("--engine", help="TensorBoard reader: auto, fast or tbparse.")]
+_NoPlots = Annotated[bool, typer.Option("--no-plots", help="Markdown: do not write plot images.")]
+_Verbose = Annotated[
+    int,
+    typer.Option(
+        "--verbose", "-v", count=True, help="Console: -v adds the evidence, damage and notes; -vv everything."
+    ),
+]
+_Summary = Annotated[
+    bool, typer.Option("--summary", help="Console, several runs: only the summary table and the count line.")
+]
+_Details = Annotated[
+    bool, typer.Option("--details", help="Console, several runs: a section for every run, healthy ones too.")
+]
+_Jobs = Annotated[int | None, typer.Option("--jobs", "-j", help="Runs at once (processes; default: cores).")]
+_Scheduler = Annotated[str | None, typer.Option("--scheduler", help="A Dask scheduler's address.")]
+_Storage = Annotated[str | None, typer.Option("--storage-options", help="JSON: s3:// options.")]
+_State = Annotated[list[str] | None, typer.Option("--state", help="W&B project: only runs in these states.")]
+_Tag = Annotated[list[str] | None, typer.Option("--tag", help="W&B project: only runs with these tags.")]
+_Sweep = Annotated[str | None, typer.Option("--sweep", help="W&B project: only this sweep's runs.")]
+_Since = Annotated[str | None, typer.Option("--since", help="W&B project: only runs created since DATE.")]
+
+
 @app.command()
 def analyze(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Run directories, checkpoint dirs, log files, or wandb://entity/project/run_id.", show_default=False
-        ),
-    ],
-    format: Annotated[
-        str | None,
-        typer.Option(
-            "--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console)."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")
-    ] = None,
-    fail_on: Annotated[
-        str | None,
-        typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical)."),
-    ] = None,
-    select: Annotated[
-        list[str] | None,
-        typer.Option("--select", help="Only these signatures or detectors (repeat or comma-separate)."),
-    ] = None,
-    ignore: Annotated[
-        list[str] | None, typer.Option("--ignore", help="Leave out these signatures or detectors.")
-    ] = None,
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="Override a detector parameter: DETECTOR.NAME=VALUE.")
-    ] = None,
-    engine: Annotated[str, typer.Option("--engine", help="TensorBoard reader: auto, fast or tbparse.")] = "auto",
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="Markdown: do not write plot images.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Console: also list skipped detectors.")] = False,
+    paths: _Paths,
+    format: _Format = None,
+    out: _Out = None,
+    fail_on: _FailOn = "error",
+    select: _Select = None,
+    ignore: _Ignore = None,
+    param: _Param = None,
+    engine: _Engine = "auto",
+    no_plots: _NoPlots = False,
+    verbose: _Verbose = 0,
+    summary: _Summary = False,
+    details: _Details = False,
+    jobs: _Jobs = None,
+    scheduler: _Scheduler = None,
+    storage_options: _Storage = None,
+    state: _State = None,
+    tag: _Tag = None,
+    sweep: _Sweep = None,
+    since: _Since = None,
 ) -> None:
     """Diagnose one or more training runs from the logs they left behind."""
-    from autopsy.analysis import analyze as run_analyze
     from autopsy.analysis import make_plan
-    from autopsy.findings import Report, Severity
-    from autopsy.frame import concat_frames
-    from autopsy.importers import ReadOptions, load
+    from autopsy.fleet.output import TABLE_FORMATS
+    from autopsy.importers import ReadOptions
 
-    fmt = _pick_format(format, out)
-    level = Severity.parse(fail_on) if fail_on else None
+    table = out is not None and out.suffix.lower() in TABLE_FORMATS and format is None
+    fmt = "table" if table else _pick_format(format, out)
+    level = _fail_level(fail_on)
+    _check_out(out, paths)
     chosen, dropped, params = _split(select) or None, _split(ignore), _parse_params(param or [])
     make_plan(chosen, dropped, params)  # every flag checked before any file is read
     ReadOptions(engine=engine)
-    frames = []
-    for p in paths:
-        spec = str(p)
-        if not spec.startswith("wandb:") and not p.exists():
-            raise UsageError(f"no such file or directory: {p}")
-        with _progress(f"reading {p} ..."):
-            frames.append(load(spec if spec.startswith("wandb:") else p, engine=engine))
-    frame = concat_frames(frames) if len(frames) > 1 else frames[0]
-    with _progress("diagnosing ..."):
-        report: Report = run_analyze(frame, select=chosen, ignore=dropped, params=params)
+    fleet = _fleet_flags(storage_options, state, tag, sweep, since)
+    keep = 20 if fmt == "html" or (fmt == "markdown" and not no_plots) else False  # per-run plots need the frames
+    report = _analyze_many(paths, scheduler, jobs=jobs, select=chosen, ignore=dropped, params=params, engine=engine,
+                           keep_frames=keep, **fleet)  # fmt: skip
+    _write_many(report, fmt, out, plots=not no_plots, verbosity=verbose, summary_only=summary, details=details or None)
+    if level is not None and report.reaches(level):
+        raise typer.Exit(1)
+
+
+def _write_many(report: Any, fmt: str, out: Path | None, *, plots: bool, **console: Any) -> None:
+    """Write the report of :func:`analyze` (a table file, or a report in ``fmt``); raise :class:`InputError` after
+    writing when the input held nothing to judge."""
+    from autopsy.fleet.output import fleet_text, write_table
+
+    if fmt == "table":
+        typer.echo(f"table written to {write_table(report, cast(Path, out))}", err=True)
+        return
     with _progress(f"writing the {fmt} report ..."):
-        text = _render(report, fmt, out, plots=not no_plots, verbose=verbose)
-    _emit(text, out)
+        plots = plots and not getattr(report, "frames_dropped", False)  # over 20 runs: small multiples
+        text = _render(report, fmt, out, plots=plots, **console)
+    nothing = _nothing_to_judge(report)
+    if nothing is not None and fmt == "console":
+        raise InputError(nothing)
+    _emit(fleet_text(report) + text if fmt == "console" else text, out)
+    if nothing is not None:
+        raise InputError(nothing)
+
+
+def _finish(report: Any, fmt: str, out: Path | None, fail_on: str) -> None:
+    level = _fail_level(fail_on)
+    _emit(_render(report, fmt, out, plots=False), out)
     if level is not None and report.reaches(level):
         raise typer.Exit(1)
 
@@ -183,50 +315,49 @@ def analyze(
 @app.command()
 def replay(
     checkpoint: Annotated[
-        Path,
-        typer.Argument(
-            help="A checkpoint dir (full model or PEFT adapter), or a run's output dir recorded with AutopsyCallback.",
-            show_default=False,
-        ),
+        Path, typer.Argument(help="A checkpoint (model or PEFT adapter), or a run dir recorded with AutopsyCallback.")
     ],
-    batch: Annotated[
-        Path | None, typer.Option("--batch", "-b", help="safetensors batch file (input_ids, attention_mask, labels).")
-    ] = None,
-    base: Annotated[
-        Path | None, typer.Option("--base", help="Local base model dir for a PEFT adapter (default: the one it names).")
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
+    batch: Annotated[Path | None, typer.Option("--batch", "-b", help="A batch file (safetensors).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Local base model dir of a PEFT adapter.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (GPU, else GPU+RAM, else CPU), cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: the run's).")] = None,
+    step: Annotated[int | None, typer.Option(help="The recorded step (default: the first non-finite one).")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Checkpoint health: greedy samples checked.")] = False,
+    prompts: Annotated[Path | None, typer.Option(help="With --generate: a file, one prompt a line.")] = None,
     from_checkpoint: Annotated[
         str | None,
-        typer.Option(
-            "--from",
-            help="Step replay: re-run the recorded steps after this checkpoint of the run dir (checkpoint-N, with its optimizer, scheduler and RNG state) until one goes non-finite, then localize inside it.",
-        ),
+        typer.Option("--from", help="Step replay: re-run the recorded steps after this checkpoint-N of the run dir."),
     ] = None,
-    format: Annotated[
-        str | None,
-        typer.Option(
-            "--format", "-f", help="console, markdown, json or html (default: from --out's extension, else console)."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the report to this file instead of stdout.")
-    ] = None,
-    fail_on: Annotated[
-        str | None,
-        typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity (info, warning, error, critical)."),
-    ] = None,
+    format: _Format = None,
+    out: _Out = None,
+    fail_on: _FailOn = "error",
 ) -> None:
     """Reload a checkpoint and a batch, and localize the module where the first NaN/Inf is born."""
-    from autopsy.findings import Severity
+    from autopsy.replay import check_arguments
     from autopsy.replay import replay as run_replay
 
     fmt = _pick_format(format, out)
-    level = Severity.parse(fail_on) if fail_on else None
-    report = run_replay(checkpoint, batch=batch, base=base, device=device, from_checkpoint=from_checkpoint)
-    _emit(_render(report, fmt, out, plots=False), out)
-    if level is not None and report.reaches(level):
-        raise typer.Exit(1)
+    _fail_level(fail_on)
+    flags: dict[str, Any] = dict(batch=batch, base=base, device=device, from_checkpoint=from_checkpoint, step=step)
+    check_arguments(checkpoint, generate=generate, prompts=prompts, dtype=dtype, **flags)  # before torch is imported
+    _finish(run_replay(checkpoint, generate=generate, prompts=prompts, dtype=dtype, **flags), fmt, out, fail_on)
+
+
+@app.command()
+def data(
+    dataset: Annotated[Path, typer.Argument(help="A .jsonl, .parquet, .arrow, save_to_disk dir or recorded batch.")],
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer dir, to count the tokens of text rows.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="The run's max sequence length: flags truncated rows.")] = None,
+    format: _Format = None,
+    out: _Out = None,
+    fail_on: _FailOn = "error",
+) -> None:
+    """Check a dataset for rows that cannot train as meant: empty, masked out, truncated, duplicated."""
+    from autopsy.data import data_report
+
+    fmt = _pick_format(format, out)
+    _fail_level(fail_on)
+    _finish(data_report(dataset, tokenizer=tokenizer, max_length=max_length), fmt, out, fail_on)
 
 
 @app.command()
@@ -251,6 +382,11 @@ def detectors(
         typer.echo("")
 
 
+def _one_line(text: str) -> str:
+    """A message on one line: a newline inside it (a path may hold one) is written as ``\\n``."""
+    return text.strip().replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every AutopsyError becomes one line on stderr and exit 2 (traceback with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -265,8 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except AutopsyError as exc:
         if debug:
             raise
-        sys.stderr.write(f"autopsy: error: {exc}\n")
+        sys.stderr.write(f"autopsy: error: {_one_line(str(exc))}\n")
         return exc.exit_code
+    except BrokenPipeError:  # `autopsy analyze ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         sys.stderr.write("autopsy: interrupted\n")
         return 130
@@ -275,12 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("autopsy: aborted\n")
             return 2
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's usage errors
-            sys.stderr.write(f"autopsy: error: {exc.format_message()}\n")
+            sys.stderr.write(f"autopsy: error: {_one_line(exc.format_message())}\n")
             return 2
         if debug:
             raise
         sys.stderr.write(
-            f"autopsy: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"autopsy: internal error: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
             "(run with --debug for the traceback and report it)\n"
         )
         return 2

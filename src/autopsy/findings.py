@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +26,7 @@ __all__ = [
     "finding_order",
     "findings_to_frame",
     "json_number",
+    "num",
 ]
 
 
@@ -52,6 +55,21 @@ def evidence_value(x: Any) -> Any:
     if isinstance(x, (float, np.floating)) and math.isfinite(float(x)):
         return float(f"{float(x):.6g}")
     return json_number(x)
+
+
+def num(x: Any) -> str:
+    """A number for prose: 4 significant digits (e-notation when very large or small), integers whole, NaN/inf by
+    name; anything else as text. Evidence keeps more digits; a sentence says only what a person reads."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return str(x)
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    v = float(x)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4g}"
 
 
 class Severity(enum.IntEnum):
@@ -166,7 +184,59 @@ class Report:
         return any(f.severity >= level for f in self.findings)
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per finding, most severe first (``step``/``end_step`` as nullable integers)."""
         return findings_to_frame(self.findings)
+
+    # --- in a notebook: the report renders itself through autopsy.report, imported when called --------------
+
+    def _repr_html_(self) -> str:
+        """The HTML report's body (no page chrome), so a notebook cell shows the report itself."""
+        from autopsy.report.html import render_html_body
+
+        return render_html_body(self)
+
+    def to_html(self) -> str:
+        """The HTML report as one self-contained page."""
+        from autopsy.report import render
+
+        return render(self, "html")
+
+    def plot(self, run: str | None = None) -> list[Any]:
+        """The annotated matplotlib figures of one run (the only run, or ``run=`` naming one), as in the reports:
+        loss, grad norm, learning rate and the machine, each marked where a finding sits. Needs the run's frame
+        (kept by :func:`autopsy.analyze`)."""
+        from autopsy.report.plots import run_figures
+
+        return run_figures(self.run(run))
+
+    def run(self, name: str | None = None) -> RunReport:
+        """The report of the run named ``name`` (or the only run)."""
+        from autopsy.errors import UsageError
+
+        if name is None:
+            if len(self.runs) != 1:
+                names = ", ".join(r.run for r in self.runs[:10])
+                raise UsageError(f"the report holds {len(self.runs)} runs: name one ({names})")
+            return self.runs[0]
+        for r in self.runs:
+            if r.run == name:
+                return r
+        raise UsageError(f"no run named {name!r} in the report; its runs: {', '.join(r.run for r in self.runs[:10])}")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report, in the format its extension names (.html, .md, .json, .txt); Markdown's plots go to
+        ``<stem>_plots/`` beside it. Returns the path written."""
+        from autopsy.report import format_for, render
+
+        target = Path(path)
+        fmt = format_for(target)
+        options: dict[str, Any] = {}
+        if fmt == "markdown":
+            options["plots_dir"] = target.parent / (target.stem + "_plots")
+        text = render(self, fmt, **options)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        return target
 
 
 def findings_to_frame(findings: list[Finding]) -> pd.DataFrame:
@@ -186,4 +256,7 @@ def findings_to_frame(findings: list[Finding]) -> pd.DataFrame:
         for f in sorted(findings, key=finding_order)
     ]
     cols = ["run", "signature", "severity", "step", "end_step", "metric", "summary", "cause", "fix"]
-    return pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols)
+    for col in ("step", "end_step"):
+        out[col] = pd.array([None if v is None or v != v else int(v) for v in out[col]], dtype="Int64")
+    return out

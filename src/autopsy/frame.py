@@ -8,7 +8,7 @@ Columns (in this order):
 ``metric``       str       canonical name (:mod:`autopsy.metrics`): ``train/loss``, ``eval/loss``
 ``step``         int64     the run's own global step
 ``value``        float64   NaN and +/-inf are kept: they are the evidence
-``wall_time``    float64   seconds since the epoch, NaN when the source has none
+``wall_time``    datetime  when the row was logged (``datetime64[ns, UTC]``), NaT when the source has none
 ``raw_metric``   str       the name as the source wrote it
 ``superseded``   bool      True where a later row of the same run/source/metric rewrote this
                            step (a resumed run logs steps again): kept, flagged, not dropped
@@ -16,7 +16,7 @@ Columns (in this order):
 
 Text columns are pandas Categoricals. What is known about each run besides its series is a
 :class:`~autopsy.runinfo.RunInfo`; a loaded frame carries them (:func:`autopsy.runinfo.run_info`). Reading a
-metric out of a frame is :mod:`autopsy.series`'s job.
+metric out of a frame is :mod:`autopsy.series`'s job; arithmetic on wall times reads :func:`wall_seconds`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "make_frame",
     "merge_sources",
     "validate_frame",
+    "wall_column",
+    "wall_seconds",
 ]
 
 COLUMNS = ["run", "source", "metric", "step", "value", "wall_time", "raw_metric", "superseded"]
@@ -66,10 +68,7 @@ def make_frame(
     n = len(step)
     step_arr = np.asarray(step, dtype=np.int64) if n else np.empty(0, dtype=np.int64)
     value_arr = np.asarray(value, dtype=np.float64) if n else np.empty(0, dtype=np.float64)
-    if wall_time is None:
-        wall_arr = np.full(n, np.nan)
-    else:
-        wall_arr = np.asarray(wall_time, dtype=np.float64) if n else np.empty(0, dtype=np.float64)
+    wall_arr = wall_column(wall_time, n)
 
     metric_col = _categorical(metric, n)
     frame = pd.DataFrame(
@@ -85,6 +84,40 @@ def make_frame(
     )
     frame["superseded"] = _superseded(frame)
     return frame
+
+
+def wall_column(wall: Any, n: int) -> pd.arrays.DatetimeArray:
+    """Wall times as the frame keeps them (UTC datetimes, NaT where unknown), from seconds since the epoch (float,
+    NaN where unknown), datetimes, or None (all unknown)."""
+    if wall is None:
+        return pd.array(np.full(n, np.datetime64("NaT", "ns")), dtype="datetime64[ns]").tz_localize("UTC")
+    if isinstance(wall, (pd.Series, pd.Index)):
+        wall = wall.array
+    if isinstance(wall, pd.arrays.DatetimeArray):
+        out = wall if wall.tz is not None else wall.tz_localize("UTC")
+        return out.tz_convert("UTC").as_unit("ns")
+    arr = np.asarray(wall)
+    if arr.dtype.kind in "fiub" or (arr.dtype.kind == "O" and n and isinstance(arr.flat[0], (int, float))):
+        secs = arr.astype(np.float64)
+        ns = np.where(np.isfinite(secs), np.round(secs * 1e9), 0).astype(np.int64)
+        out = pd.array(ns.view("datetime64[ns]"), dtype="datetime64[ns]")
+        out[~np.isfinite(secs)] = pd.NaT
+        return out.tz_localize("UTC")
+    return pd.DatetimeIndex(pd.to_datetime(arr, utc=True)).array.as_unit("ns")
+
+
+def wall_seconds(data: pd.DataFrame | pd.Series | Any) -> np.ndarray:
+    """The ``wall_time`` column (of a frame, or the column itself) as float seconds since the epoch, NaN where
+    unknown: the form arithmetic on wall times wants."""
+    col = data["wall_time"] if isinstance(data, pd.DataFrame) else data
+    if isinstance(col, pd.Series):
+        col = col.array
+    if isinstance(col, pd.arrays.DatetimeArray):
+        ns = col.tz_convert("UTC").as_unit("ns").asi8 if col.tz is not None else col.as_unit("ns").asi8
+        out = ns.astype(np.float64) / 1e9
+        out[np.asarray(col.isna())] = np.nan
+        return out
+    return np.asarray(col, dtype=np.float64)
 
 
 def _categorical(v: Any, n: int) -> pd.Categorical:
@@ -243,6 +276,7 @@ def validate_frame(frame: pd.DataFrame) -> pd.DataFrame:
         or frame["step"].dtype != np.int64
         or frame["value"].dtype != np.float64
         or not all(isinstance(frame[c].dtype, pd.CategoricalDtype) for c in TEXT_COLUMNS)
+        or not isinstance(frame["wall_time"].dtype, pd.DatetimeTZDtype)
     ):
         changed = True
     if changed:
@@ -252,7 +286,7 @@ def validate_frame(frame: pd.DataFrame) -> pd.DataFrame:
             metric=frame["metric"].astype(str).to_numpy(),
             step=np.asarray(steps, dtype=np.float64).round().astype(np.int64),
             value=values.to_numpy(dtype=np.float64),
-            wall_time=frame["wall_time"].to_numpy(dtype=np.float64) if "wall_time" in frame else None,
+            wall_time=frame.get("wall_time"),
             raw_metric=frame["raw_metric"].astype(str).to_numpy() if "raw_metric" in frame else None,
         )
         out.attrs = dict(frame.attrs)

@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-__all__ = ["METRIC_ALIASES", "canonical_metric", "eval_loss_metrics", "is_canonical", "loss_metrics"]
+__all__ = ["METRIC_ALIASES", "canonical_metric", "eval_loss_metrics", "is_canonical", "loss_metrics", "media_leaves"]
 
 # One table: lower-cased alias -> canonical name.
 METRIC_ALIASES: dict[str, str] = {
@@ -122,6 +122,13 @@ METRIC_ALIASES: dict[str, str] = {
     "validation_accuracy": "eval/accuracy",
     "test_acc": "eval/accuracy",
     "test_accuracy": "eval/accuracy",
+    "valloss": "eval/loss",  # "ValLoss"
+    "val_loss_valid": "eval/loss",
+    "acc": "train/accuracy",
+    "train_acc": "train/accuracy",
+    "train_accuracy": "train/accuracy",
+    "training_accuracy": "train/accuracy",
+    "reduced_train_loss": "train/loss",  # NeMo
 }
 
 _EVAL_SET_LOSS = re.compile(r"^eval/(?P<set>.+?)[_/]loss$")
@@ -182,3 +189,47 @@ def loss_metrics(names: Iterable[str]) -> list[str]:
     """The loss metrics among ``names``: ``train/loss``, then the eval losses."""
     names = set(names)
     return (["train/loss"] if "train/loss" in names else []) + eval_loss_metrics(names)
+
+
+# the fields W&B flattens out of a logged media object or table (wandb.Image, wandb.Table: "examples.width",
+# "samples.nrows"): they describe a file, they are not measurements of the run
+_MEDIA_FIELDS = frozenset(
+    {
+        "_type",
+        "width",
+        "height",
+        "size",
+        "sha256",
+        "path",
+        "format",
+        "ncols",
+        "nrows",
+        "count",
+        "filenames",
+        "captions",
+        "artifact_path",
+        "_latest_artifact_path",
+        "log_mode",
+    }
+)
+_MEDIA_ONLY = frozenset(
+    {"_type", "width", "height", "sha256", "ncols", "nrows", "artifact_path", "_latest_artifact_path"}
+)
+
+
+def media_leaves(names: Iterable[str]) -> set[str]:
+    """The names among ``names`` that are fields of a logged media object or table, not metrics: every field under
+    a prefix that has a ``<prefix>._type`` (how W&B marks media), and any ``<prefix>.<field>`` whose field only media
+    have (``.width``, ``.sha256``, ``.nrows``...)."""
+    names = {str(n) for n in names}
+    typed = {n[: -len("._type")] for n in names if n.endswith("._type")}
+    out = set()
+    for n in names:
+        prefix, dot, leaf = n.rpartition(".")
+        if not dot:
+            continue
+        typed_field = prefix in typed and leaf in _MEDIA_FIELDS
+        beside_media = leaf in _MEDIA_FIELDS and any(f"{prefix}.{m}" in names for m in _MEDIA_ONLY)
+        if typed_field or leaf in _MEDIA_ONLY or beside_media:
+            out.add(n)
+    return out

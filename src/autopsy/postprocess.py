@@ -64,11 +64,14 @@ def _attach_config(findings: list[Finding]) -> list[Finding]:
                 continue
             if early is not None and (f.step is None or f.step > early):
                 continue
-            f.cause = f"{risk.summary}; {f.cause}" if f.cause else risk.summary
+            setting = str(risk.evidence.get("setting", ""))
+            because = f"{risk.summary} ({risk.cause})" if risk.cause else risk.summary
+            if setting not in f.cause:  # the finding already says it in its own words
+                f.cause = f"{because}; {f.cause}" if f.cause else because
             f.evidence.setdefault("config_risk", []).append(
                 {"setting": risk.evidence.get("setting"), "value": risk.evidence.get("value")}
             )
-            if risk.fix and risk.fix not in f.fix:
+            if risk.fix and setting not in f.fix:
                 f.fix = f"{f.fix}; {risk.fix}" if f.fix else risk.fix
             used = True
         if not used and risk.evidence.get("standalone", True):

@@ -31,6 +31,7 @@ __all__ = [
     "recorded_batches",
     "weights_before",
     "weights_dir",
+    "write_run_meta",
 ]
 
 RECORD_DIR = "autopsy"
@@ -88,3 +89,13 @@ def read_run_meta(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def write_run_meta(output_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
+    """Write ``run.json`` (the callback, at train begin)."""
+    path = record_dir(output_dir) / RUN_META
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -104,6 +104,7 @@ class LogStats:
     step_axis: str = ""
     printed_start: bool = False
     overflow_messages: int = 0
+    last_counter: tuple[int, int] | None = None  # the last "i of n" progress printed (i < n: stopped short)
 
 
 @dataclass
@@ -131,6 +132,7 @@ class RunInfo:
     notes: list[str] = field(default_factory=list)  # things skipped while reading, one line each
     exit_code: int | None = None  # when the source records the process' exit (W&B)
     finished: bool | None = None  # True: a final record; False: the source saw the start and no end; None: unknown
+    in_progress: bool = False  # still being written: no final record, logged or modified minutes ago (see a note)
     crash: Crash | None = None  # how the log ended, when it ended in a traceback or a kill
     trainer_class: str | None = None  # DPOTrainer, GRPOTrainer, ... when a source names it
     logs: list[LogStats] = field(default_factory=list)  # console logs read
@@ -170,6 +172,7 @@ class RunInfo:
         self.logs.extend(other.logs)
         self.unread_logs.extend(other.unread_logs)
         self.loss_scale_at_minimum |= other.loss_scale_at_minimum
+        self.in_progress |= other.in_progress
         if not self.path:
             self.path = other.path
 

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autopsy.frame import wall_seconds
+
 __all__ = ["first_nonfinite_step", "last_step", "metric_names", "series", "wall_times", "wide"]
 
 _ATTR = "_autopsy_series"  # an instance attribute, not a column and not attrs (pandas copies attrs on every slice)
@@ -34,11 +36,7 @@ class _Index:
         codes = np.asarray(codes)
         steps = frame["step"].to_numpy()
         values = frame["value"].to_numpy(dtype=np.float64)
-        walls = (
-            frame["wall_time"].to_numpy(dtype=np.float64)
-            if "wall_time" in frame.columns
-            else np.full(self.rows, np.nan)
-        )
+        walls = wall_seconds(frame) if "wall_time" in frame.columns else np.full(self.rows, np.nan)
         if "superseded" in frame.columns:
             live = ~frame["superseded"].to_numpy(dtype=bool)
             if not live.all():
@@ -131,6 +129,11 @@ def wide(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
     """
     rows = frame[~frame["superseded"].to_numpy(dtype=bool)] if "superseded" in frame.columns else frame
     if run is not None:
+        if len(rows) and run not in set(rows["run"].astype(str).unique()):
+            from autopsy.errors import UsageError
+
+            names = ", ".join(sorted(rows["run"].astype(str).unique())[:10])
+            raise UsageError(f"no run named {run!r} in the frame; its runs: {names}")
         rows = rows[(rows["run"] == run).to_numpy()]
     several = rows["run"].nunique() > 1 if len(rows) else False
     keys: Any = ["run", "step"] if several else "step"

@@ -89,7 +89,12 @@ _TABLE = (
         lead=1,
     ),
     Signature("replay_not_reproduced", "the batch runs clean from this checkpoint", kind="replay"),
-    Signature("degenerate_output", "a checkpoint's greedy generations are empty, loop or come from NaN logits", kind="replay", lead=3),
+    Signature(
+        "degenerate_output",
+        "a checkpoint's greedy generations are empty, loop or come from NaN logits",
+        kind="replay",
+        lead=3,
+    ),
     Signature("generation_ok", "a checkpoint's greedy generations look sound", kind="replay"),
     # found by a side door (no logs needed), like replay: the report treats both alike
     Signature("data_issue", "the dataset holds rows that cannot train as meant", kind="replay", lead=3),

@@ -79,3 +79,40 @@ def write_tensor_scalars(log_dir: Path) -> tuple[Path, dict[str, float]]:
         w.add_event(event_pb2.Event(wall_time=1.7e9 + step, step=step, summary=summary_pb2.Summary(value=values)))
     w.close()
     return next(log_dir.glob("events.out.tfevents.*")), {tag: v for tag, (_, v) in tensors.items()}
+
+
+KERAS_HPARAMS = {"learning_rate": 0.001, "optimizer": "adam", "dropout": 0.2, "amsgrad": False, "units": 64}
+
+
+def keras_curves(epochs: int) -> dict[str, dict[str, list[float]]]:
+    """The per-epoch values :func:`write_keras_run` writes: train loss falls, validation loss turns up at epoch 4."""
+    train = {"epoch_loss": [1.0 / (e + 1) for e in range(epochs)], "epoch_accuracy": [0.5 + 0.05 * e for e in range(epochs)]}
+    val = {"epoch_loss": [1.2 - 0.1 * e if e < 4 else 0.8 + 0.15 * (e - 4) for e in range(epochs)],
+           "epoch_accuracy": [0.45 + 0.04 * min(e, 4) for e in range(epochs)]}
+    return {"train": train, "validation": val}
+
+
+def write_keras_run(log_dir: Path, *, epochs: int = 8, hparams: bool = True) -> Path:
+    """The layout of Keras' ``TensorBoard`` callback: ``train/`` and ``validation/`` dirs of ``.v2`` event files
+    holding TF2 scalar summaries (a float scalar tensor, plugin ``scalars``), ``epoch_loss``/``epoch_accuracy`` at
+    step = epoch, an empty profiler file in ``train/``, and TF2's ``hp.hparams`` summary. Written with
+    tensorboard's own writer and summary functions (``scalar_pb``, ``hparams_pb``: what TF2's ops serialize)."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    curves = keras_curves(epochs)
+    for side in ("train", "validation"):
+        w = EventFileWriter(str(log_dir / side), filename_suffix=".v2")
+        if side == "train" and hparams:
+            w.add_event(event_pb2.Event(wall_time=1.7e9, step=0, summary=hp.hparams_pb(KERAS_HPARAMS)))
+        for epoch in range(epochs):
+            for tag, values in curves[side].items():
+                w.add_event(event_pb2.Event(wall_time=1.7e9 + 60 * epoch, step=epoch, summary=scalar_pb(tag, values[epoch])))
+        w.close()
+    profile = EventFileWriter(str(log_dir / "train"), filename_suffix=".profile-empty")  # the profiler's marker
+    profile.close()
+    (log_dir / "train" / "plugins" / "profile" / "2024_01_01_00_00_00").mkdir(parents=True)
+    (log_dir / "train" / "plugins" / "profile" / "2024_01_01_00_00_00" / "host.xplane.pb").write_bytes(b"")
+    return log_dir

@@ -13,7 +13,7 @@ import pandas as pd
 
 from autopsy.detectors._context import clip_threshold, post_warmup
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.runinfo import RunInfo
 from autopsy.series import series
 
@@ -61,6 +61,24 @@ def _severity(
     if logged and not falling:
         return Severity.WARNING  # the log itself says every update is clipped and the loss is not improving
     return Severity.INFO
+
+
+def _summary(frac: float, evidence: dict[str, Any], logged: tuple[float, str, int] | None) -> str:
+    """The sentence: the share clipped and the median norm against the threshold (or the log's own share)."""
+    median = num(evidence["median_grad_norm"])
+    if logged is not None:
+        evidence.update(
+            share_source=f"the log's own '{logged[1]}' (percent of updates clipped)", share_points=logged[2]
+        )
+        return (
+            f"the log says clipping fired on {frac:.0%} of updates ('{logged[1]}'); median pre-clip grad norm "
+            f"{median}, max_grad_norm not printed"
+        )
+    note = " (max_grad_norm assumed: HF default 1.0)" if evidence["max_grad_norm_assumed"] else ""
+    return (
+        f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm {median} = "
+        f"{num(evidence['median_over_threshold'])}x max_grad_norm {num(evidence['max_grad_norm'])}{note}"
+    )
 
 
 @detector(requires=("train/grad_norm",), signatures=("clip_saturation",), tags=("gradients",))
@@ -125,20 +143,7 @@ def clip_saturation(
         "loss_falling": falling,
         "loss_rising": rising,
     }
-    if logged is not None:
-        evidence.update(
-            share_source=f"the log's own '{logged[1]}' (percent of updates clipped)", share_points=logged[2]
-        )
-        summary = (
-            f"the log says clipping fired on {frac:.0%} of updates ('{logged[1]}'); median pre-clip grad norm "
-            f"{evidence['median_grad_norm']}, max_grad_norm not printed"
-        )
-    else:
-        note = " (max_grad_norm assumed: HF default 1.0)" if assumed else ""
-        summary = (
-            f"clipping fired on {frac:.0%} of post-warmup logs: median pre-clip grad norm "
-            f"{evidence['median_grad_norm']} = {ratio:.1f}x max_grad_norm {max_grad_norm}{note}"
-        )
+    summary = _summary(frac, evidence, logged)
     return [
         Finding(
             signature="clip_saturation",

@@ -17,14 +17,22 @@ __all__ = ["insufficient_data"]
 def _nothing(info: RunInfo | None) -> Finding:
     unread = info.unread_logs[0] if info is not None and info.unread_logs else None
     if unread is not None:
-        return Finding(signature="insufficient_data", severity=Severity.INFO,
-                       summary=f"no metric line autopsy reads in {unread.file} ({unread.lines} lines)",
-                       evidence={"file": unread.file, "lines": unread.lines},
-                       cause="an unknown log format, or not a training log",
-                       fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format")
-    return Finding(signature="insufficient_data", severity=Severity.INFO, summary="no metric was logged for this run",
-                   evidence={"rows": 0}, cause="the run stopped before its first log, or nothing was recorded",
-                   fix="check the run's console log and logging_steps")
+        return Finding(
+            signature="insufficient_data",
+            severity=Severity.INFO,
+            summary=f"no metric line autopsy reads in {unread.file} ({unread.lines} lines)",
+            evidence={"file": unread.file, "lines": unread.lines},
+            cause="an unknown log format, or not a training log",
+            fix="analyze the run's trainer_state.json / TensorBoard / W&B files, or report the format",
+        )
+    return Finding(
+        signature="insufficient_data",
+        severity=Severity.INFO,
+        summary="no metric was logged for this run",
+        evidence={"rows": 0},
+        cause="the run stopped before its first log, or nothing was recorded",
+        fix="check the run's console log and logging_steps",
+    )
 
 
 @detector(signatures=("insufficient_data",), tags=("coverage",))
@@ -51,10 +59,20 @@ def insufficient_data(frame: pd.DataFrame, *, info: RunInfo | None = None, min_p
         what = "no train loss" + (f"; {eval_points} {evals[0]} point(s)" if evals else "")
     else:
         what = f"only {finite} finite train-loss point{'' if finite == 1 else 's'}"
-    return [Finding(signature="insufficient_data", severity=Severity.INFO, metric="train/loss",
-                    step=int(loss.index[-1]) if len(loss) else None,
-                    summary=f"{what}: too few to judge the curve's shape",
-                    evidence={"train_loss_points": finite, "eval_loss_points": eval_points, "min_points": min_points,
-                              "metrics": sorted(names)[:50]},
-                    cause="the run was short, stopped early, or logged rarely (logging_steps)",
-                    fix="log more often (logging_steps) or check that the run got past its first steps")]
+    return [
+        Finding(
+            signature="insufficient_data",
+            severity=Severity.INFO,
+            metric="train/loss",
+            step=int(loss.index[-1]) if len(loss) else None,
+            summary=f"{what}: too few to judge the curve's shape",
+            evidence={
+                "train_loss_points": finite,
+                "eval_loss_points": eval_points,
+                "min_points": min_points,
+                "metrics": sorted(names)[:50],
+            },
+            cause="the run was short, stopped early, or logged rarely (logging_steps)",
+            fix="log more often (logging_steps) or check that the run got past its first steps",
+        )
+    ]

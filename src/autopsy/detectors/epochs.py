@@ -55,8 +55,14 @@ def _boundary_drops(v: np.ndarray, steps: np.ndarray, epoch: float) -> dict[str,
         prev[ok2] = (earlier - before[ok2]) / np.abs(earlier)
     # a median of k logs of per-log noise sigma moves by about 1.25 sigma / sqrt(k); a difference of two, sqrt(2) that
     se = 1.25 * noise_scale(v) * math.sqrt(2.0 / k) / np.maximum(np.abs(before), 1e-12)
-    return {"pos": pos, "bounds": bounds, "k": k, "drop": (before - after) / np.abs(before),
-            "background": np.nan_to_num(prev, nan=0.0), "se": se}
+    return {
+        "pos": pos,
+        "bounds": bounds,
+        "k": k,
+        "drop": (before - after) / np.abs(before),
+        "background": np.nan_to_num(prev, nan=0.0),
+        "se": se,
+    }
 
 
 def _eval_still_improving(frame: pd.DataFrame, tol: float) -> bool | None:
@@ -109,18 +115,30 @@ def epoch_boundary_drop(
     bg = float(np.median(bg_each))
     improving = _eval_still_improving(frame, eval_tol)
     evidence = {
-        "steps_per_epoch": evidence_value(epoch), "boundaries": [int(b) for b in np.round(d["bounds"])[:20]],
-        "drops": [evidence_value(float(x)) for x in drop[:20]], "boundaries_with_drop": int(hit.sum()),
-        "within_epoch_drop_same_span": evidence_value(bg), "logs_compared_each_side": int(d["k"]),
+        "steps_per_epoch": evidence_value(epoch),
+        "boundaries": [int(b) for b in np.round(d["bounds"])[:20]],
+        "drops": [evidence_value(float(x)) for x in drop[:20]],
+        "boundaries_with_drop": int(hit.sum()),
+        "within_epoch_drop_same_span": evidence_value(bg),
+        "logs_compared_each_side": int(d["k"]),
         "eval_loss_still_at_best": improving,
     }
-    summary = (f"train loss steps down at {int(hit.sum())} of {pos.size} epoch boundaries "
-               f"(median drop {np.median(drop[hit]):.0%} vs {max(bg, 0.0):.1%} inside epochs): memorization")
+    summary = (
+        f"train loss steps down at {int(hit.sum())} of {pos.size} epoch boundaries "
+        f"(median drop {np.median(drop[hit]):.0%} vs {max(bg, 0.0):.1%} inside epochs): memorization"
+    )
     if improving:
         summary += "; the eval loss is still at its best, so it has not hurt generalisation yet"
-    return [Finding(
-        signature="epoch_boundary_drop", severity=Severity.INFO if improving else Severity.WARNING,
-        step=int(steps[pos[first]]), end_step=int(steps[pos[hit][-1]]), metric="train/loss", summary=summary,
-        evidence=evidence,
-        cause="the model memorises the training samples it has already seen: too many epochs over a small dataset",
-        fix="fewer epochs, more (or deduplicated) data, regularization; watch the eval loss for overfitting")]
+    return [
+        Finding(
+            signature="epoch_boundary_drop",
+            severity=Severity.INFO if improving else Severity.WARNING,
+            step=int(steps[pos[first]]),
+            end_step=int(steps[pos[hit][-1]]),
+            metric="train/loss",
+            summary=summary,
+            evidence=evidence,
+            cause="the model memorises the training samples it has already seen: too many epochs over a small dataset",
+            fix="fewer epochs, more (or deduplicated) data, regularization; watch the eval loss for overfitting",
+        )
+    ]

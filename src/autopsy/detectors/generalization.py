@@ -15,7 +15,7 @@ import pandas as pd
 from autopsy.detectors._context import rl_objective
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import noise_scale, robust_scale
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.metrics import loss_metrics
 from autopsy.runinfo import RunInfo
 from autopsy.series import metric_names, series
@@ -45,8 +45,9 @@ def _eval_noise(v: np.ndarray) -> float:
     return robust_scale(v - smooth)
 
 
-def _sustained_rise(after: np.ndarray, best: float, *, rise_two: float, rise_three: float, rise_trend: float,
-                    trend_points: int) -> bool:
+def _sustained_rise(
+    after: np.ndarray, best: float, *, rise_two: float, rise_three: float, rise_trend: float, trend_points: int
+) -> bool:
     """Every eval after the best is above it, and the rise is clear for the number of evals that show it."""
     if after.size < 2 or not np.all(after > best):
         return False
@@ -57,15 +58,20 @@ def _sustained_rise(after: np.ndarray, best: float, *, rise_two: float, rise_thr
     return after.size >= trend_points and rise >= rise_trend and steady >= 0.8
 
 
-def _overfit_evidence(info: RunInfo | None, steps: np.ndarray, v: np.ndarray, b: int, train: pd.Series,
-                      last_step: int) -> dict[str, Any]:
+def _overfit_evidence(
+    info: RunInfo | None, steps: np.ndarray, v: np.ndarray, b: int, train: pd.Series, last_step: int
+) -> dict[str, Any]:
     best, last = float(v[b]), float(v[-1])
     past = last_step - int(steps[b])
     evidence: dict[str, Any] = {
-        "best_step": int(steps[b]), "best_eval_loss": evidence_value(best), "last_eval_loss": evidence_value(last),
-        "rise_from_best": evidence_value((last - best) / abs(best) if best else np.inf), "steps_past_best": int(past),
+        "best_step": int(steps[b]),
+        "best_eval_loss": evidence_value(best),
+        "last_eval_loss": evidence_value(last),
+        "rise_from_best": evidence_value((last - best) / abs(best) if best else np.inf),
+        "steps_past_best": int(past),
         "share_of_run_past_best": evidence_value(past / last_step if last_step > 0 else 0.0),
-        "eval_points": int(v.size), "eval_points_after_best": int(v.size - b - 1),
+        "eval_points": int(v.size),
+        "eval_points_after_best": int(v.size - b - 1),
     }
     if info is not None:
         if info.checkpoints:
@@ -78,8 +84,12 @@ def _overfit_evidence(info: RunInfo | None, steps: np.ndarray, v: np.ndarray, b:
     return evidence
 
 
-@detector(requires=("train/loss",), requires_any=("eval/loss", "eval/*/loss"), signatures=("overfitting",),
-          tags=("generalization",))
+@detector(
+    requires=("train/loss",),
+    requires_any=("eval/loss", "eval/*/loss"),
+    signatures=("overfitting",),
+    tags=("generalization",),
+)
 def overfitting(
     frame: pd.DataFrame,
     *,
@@ -119,37 +129,32 @@ def overfitting(
         if v.size < min_points:
             continue
         b = int(np.argmin(v))
-        best, last = float(v[b]), float(v[-1])
-        noise = _eval_noise(v)
-        if not _sustained_rise(v[b + 1 :], best, rise_two=rise_two, rise_three=rise_three, rise_trend=rise_trend,
-                               trend_points=trend_points) or (last - best) <= 3.0 * noise:
+        rise: dict[str, Any] = dict(
+            rise_two=rise_two, rise_three=rise_three, rise_trend=rise_trend, trend_points=trend_points
+        )
+        if not _sustained_rise(v[b + 1 :], float(v[b]), **rise) or float(v[-1] - v[b]) <= 3.0 * _eval_noise(v):
             continue
-        width = max(1, len(train) // max(1, v.size) // 2)
-        t_best = _train_around(train, int(steps[b]), width)
-        w_end = max(width, min(3, len(train) // 3))
-        t_end = _train_around(train, int(steps[-1]), w_end)
-        tv = train.to_numpy()
-        t_min = float(pd.Series(tv).rolling(w_end).median().min())  # its best, measured as the end is
-        t_range = float(tv.max() - tv.min())
-        relapse = max(train_relapse * t_range, 3.0 * noise_scale(tv))
-        if t_best is None or t_end is None or not t_end < t_best or t_end > t_min + relapse:
+        fell = _train_kept_falling(train, steps, b, v.size, relapse_share=train_relapse)
+        if fell is None:
             continue  # train not improving (divergence, instability), or climbed back from its best
         last_step = int(max(steps[-1], train.index[-1]))
         evidence = _overfit_evidence(info, steps, v, b, train, last_step)
-        evidence.update(train_loss_at_best=evidence_value(t_best), train_loss_at_end=evidence_value(t_end))
-        rise = float(evidence["rise_from_best"])
-        far = rise >= far_rise and float(evidence["share_of_run_past_best"]) >= far_share
-        out.append(Finding(
-            signature="overfitting", severity=Severity.ERROR if far else Severity.WARNING, step=int(steps[b]),
-            end_step=int(steps[-1]), metric=metric,
-            summary=(f"{metric} was best at step {steps[b]} ({evidence['best_eval_loss']}) and rose {rise:.0%} to "
-                     f"{evidence['last_eval_loss']} over the next {evidence['steps_past_best']} steps while the train "
-                     "loss kept falling"),
-            evidence=evidence,
-            cause="the model memorises the training set: too many epochs for this much data, or too little regularization",
-            fix=("stop at the best step (load_best_model_at_end=True with metric_for_best_model=eval_loss, or "
-                 "EarlyStoppingCallback); fewer epochs, more data, weight decay or dropout")))
+        evidence.update(train_loss_at_best=evidence_value(fell[0]), train_loss_at_end=evidence_value(fell[1]))
+        far = float(evidence["rise_from_best"]) >= far_rise and float(evidence["share_of_run_past_best"]) >= far_share
+        out.append(_overfit_finding(metric, steps, b, evidence, info, far=far))
     return out
+
+
+def _overfit_fix(info: RunInfo | None) -> str:
+    """Stop at the best step: the settings that do it, those the run lacks (a run that has them keeps the best)."""
+    has_best = info is not None and info.config_value("load_best_model_at_end") is True
+    stop = (
+        "stop at the best step (load_best_model_at_end=True with metric_for_best_model=eval_loss, or "
+        "EarlyStoppingCallback)"
+    )
+    if has_best:
+        stop = "the run kept its best checkpoint (load_best_model_at_end); add EarlyStoppingCallback to stop there"
+    return f"{stop}; fewer epochs, more data, weight decay or dropout"
 
 
 # eval metrics that measure the model (a frozen one means the evaluation does not see the trained weights); not the
@@ -168,8 +173,10 @@ def _moves(train: pd.Series, sigmas: float = 3.0) -> tuple[bool, float, float]:
 
 
 def _frozen(frame: pd.DataFrame, train: pd.Series, min_points: int) -> list[Finding]:
-    """Eval metrics printing the same number at every evaluation while the train loss moves."""
-    out = []
+    """Eval metrics printing the same number at every evaluation while the train loss moves; metrics frozen at the
+    same value over the same evaluations (F1, precision and recall all 0) are one finding."""
+    groups: dict[tuple[float, int, int, int], list[str]] = {}
+    moved: dict[tuple[float, int, int, int], tuple[float, float]] = {}
     for metric in sorted(m for m in metric_names(frame) if m.startswith("eval/")):
         if not _QUALITY.search(metric) or _BOOKKEEPING.search(metric):
             continue
@@ -181,24 +188,47 @@ def _frozen(frame: pd.DataFrame, train: pd.Series, min_points: int) -> list[Find
         if len(span) < min_points:
             continue
         moves, m1, m3 = _moves(span)
-        if not moves:
-            continue
-        out.append(Finding(
-            signature="eval_flat", severity=Severity.WARNING, step=int(e.index[0]), end_step=int(e.index[-1]),
-            metric=metric,
-            summary=(f"{metric} is exactly {v[0]:.6g} at all {v.size} evaluations while the train loss went "
-                     f"{m1:.4g} -> {m3:.4g}: the evaluation does not see the weights being trained"),
-            evidence={"frozen_value": evidence_value(float(v[0])), "eval_points": int(v.size),
-                      "train_loss_start": evidence_value(m1), "train_loss_end": evidence_value(m3)},
-            cause=("the evaluation runs on a stale or different model (weights never copied to the eval model, eval "
-                   "in a graph that does not share them), or the model predicts one constant class"),
-            fix="check which weights the evaluation uses and whether its predictions vary; evaluate the model object the "
-                "optimizer updates"))
-    return out
+        if moves:
+            key = (float(v[0]), int(e.index[0]), int(e.index[-1]), int(v.size))
+            groups.setdefault(key, []).append(metric)
+            moved[key] = (m1, m3)
+    return [_frozen_finding(metrics, *key, *moved[key]) for key, metrics in groups.items()]
 
 
-def _flat_loss(frame: pd.DataFrame, train: pd.Series, metric: str, *, flat_tol: float, min_train_drop: float,
-               min_points: int) -> Finding | None:
+def _frozen_finding(
+    metrics: list[str], value: float, first: int, last: int, points: int, m1: float, m3: float
+) -> Finding:
+    names = metrics[0] if len(metrics) == 1 else ", ".join(metrics[:-1]) + f" and {metrics[-1]}"
+    verb = "is" if len(metrics) == 1 else "are"
+    return Finding(
+        signature="eval_flat",
+        severity=Severity.WARNING,
+        step=first,
+        end_step=last,
+        metric=metrics[0],
+        summary=(
+            f"{names} {verb} exactly {num(value)} at all {points} evaluations while the train loss went "
+            f"{m1:.4g} -> {m3:.4g}: the evaluation does not see the weights being trained"
+        ),
+        evidence={
+            "frozen_value": evidence_value(value),
+            "metrics": list(metrics),
+            "eval_points": points,
+            "train_loss_start": evidence_value(m1),
+            "train_loss_end": evidence_value(m3),
+        },
+        cause=(
+            "the evaluation runs on a stale or different model (weights never copied to the eval model, eval "
+            "in a graph that does not share them), or the model predicts one constant class"
+        ),
+        fix="check which weights the evaluation uses and whether its predictions vary; evaluate the model object the "
+        "optimizer updates",
+    )
+
+
+def _flat_loss(
+    frame: pd.DataFrame, train: pd.Series, metric: str, *, flat_tol: float, min_train_drop: float, min_points: int
+) -> Finding | None:
     e = series(frame, metric, finite=True)
     v = e.to_numpy(dtype=np.float64)
     if v.size < min_points or len(train) < 4:
@@ -218,15 +248,29 @@ def _flat_loss(frame: pd.DataFrame, train: pd.Series, metric: str, *, flat_tol: 
     if drop < min_train_drop:
         return None
     return Finding(
-        signature="eval_flat", severity=Severity.WARNING, step=int(e.index[0]), end_step=int(e.index[-1]), metric=metric,
-        summary=(f"{metric} stays near {med:.4g} (first vs last third {change:.1%}, spread {spread:.1%}) over {v.size} "
-                 f"evals while the train loss fell {drop:.0%}"),
-        evidence={"eval_median": evidence_value(med), "eval_spread": evidence_value(spread), "eval_points": int(v.size),
-                  "train_loss_start": evidence_value(t0), "train_loss_end": evidence_value(t1),
-                  "train_drop": evidence_value(drop)},
-        cause=("the eval set is prepared differently from the training set (template, collator, label masking), or the "
-               "model only memorises"),
-        fix="compare a train and an eval batch side by side: template, collator, which tokens are labelled")
+        signature="eval_flat",
+        severity=Severity.WARNING,
+        step=int(e.index[0]),
+        end_step=int(e.index[-1]),
+        metric=metric,
+        summary=(
+            f"{metric} stays near {med:.4g} (first vs last third {change:.1%}, spread {spread:.1%}) over {v.size} "
+            f"evals while the train loss fell {drop:.0%}"
+        ),
+        evidence={
+            "eval_median": evidence_value(med),
+            "eval_spread": evidence_value(spread),
+            "eval_points": int(v.size),
+            "train_loss_start": evidence_value(t0),
+            "train_loss_end": evidence_value(t1),
+            "train_drop": evidence_value(drop),
+        },
+        cause=(
+            "the eval set is prepared differently from the training set (template, collator, label masking), or the "
+            "model only memorises"
+        ),
+        fix="compare a train and an eval batch side by side: template, collator, which tokens are labelled",
+    )
 
 
 @detector(requires=("train/loss",), requires_any=("eval/*",), signatures=("eval_flat",), tags=("generalization",))
@@ -255,11 +299,12 @@ def eval_flat(
         return []
     train = series(frame, "train/loss", finite=True)
     out = _frozen(frame, train, min_points)
-    frozen = {f.metric for f in out}
+    frozen = {m for f in out for m in f.evidence["metrics"]}
     for metric in _eval_metrics(frame):
         if metric not in frozen:
-            found = _flat_loss(frame, train, metric, flat_tol=flat_tol, min_train_drop=min_train_drop,
-                               min_points=min_points)
+            found = _flat_loss(
+                frame, train, metric, flat_tol=flat_tol, min_train_drop=min_train_drop, min_points=min_points
+            )
             if found is not None:
                 out.append(found)
     return out
@@ -318,3 +363,41 @@ def sparse_eval(
             fix=f"set eval_steps to about {max(1, total // 10)}-{max(1, total // 20)} (every 5-10% of training)",
         )
     ]
+
+
+def _train_kept_falling(
+    train: pd.Series, steps: np.ndarray, b: int, n_evals: int, *, relapse_share: float
+) -> tuple[float, float] | None:
+    """(train loss around the best eval, train loss at the end) when the train loss fell from the one to the other
+    and did not climb back from its own best (by over ``relapse_share`` of its range or 3 noise scales); else None."""
+    width = max(1, len(train) // max(1, n_evals) // 2)
+    t_best = _train_around(train, int(steps[b]), width)
+    w_end = max(width, min(3, len(train) // 3))
+    t_end = _train_around(train, int(steps[-1]), w_end)
+    tv = train.to_numpy()
+    t_min = float(pd.Series(tv).rolling(w_end).median().min())  # its best, measured as the end is
+    relapse = max(relapse_share * float(tv.max() - tv.min()), 3.0 * noise_scale(tv))
+    if t_best is None or t_end is None or not t_end < t_best or t_end > t_min + relapse:
+        return None
+    return t_best, t_end
+
+
+def _overfit_finding(
+    metric: str, steps: np.ndarray, b: int, evidence: dict[str, Any], info: RunInfo | None, *, far: bool
+) -> Finding:
+    """The overfitting finding of one eval metric: an error when the rise is large and long, else a warning."""
+    return Finding(
+        signature="overfitting",
+        severity=Severity.ERROR if far else Severity.WARNING,
+        step=int(steps[b]),
+        end_step=int(steps[-1]),
+        metric=metric,
+        summary=(
+            f"{metric} was best at step {steps[b]} ({num(evidence['best_eval_loss'])}) and rose "
+            f"{float(evidence['rise_from_best']):.0%} to {num(evidence['last_eval_loss'])} over the next "
+            f"{num(evidence['steps_past_best'])} steps while the train loss kept falling"
+        ),
+        evidence=evidence,
+        cause="the model memorises the training set: too many epochs for this much data, or too little regularization",
+        fix=_overfit_fix(info),
+    )

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autopsy.detectors._advice import clip_clause
 from autopsy.detectors._context import clip_threshold, post_warmup
 from autopsy.detectors._evidence import minutes_between
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import reduce_points, runs_of_true
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.runinfo import RunInfo
 from autopsy.series import series
 
@@ -32,6 +33,7 @@ def _jumps(frame: pd.DataFrame, jump: float) -> tuple[int, int, float, float] | 
         return None
     before = pd.Series(v).expanding().median().shift(1).to_numpy(copy=True)
     before[:2] = np.nan  # at least two logs make a level
+    before[before <= 0] = np.nan  # a level of 0 (no gradient yet) gives no ratio
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = v / before
     high = np.nan_to_num(ratio, nan=0.0) >= jump
@@ -67,8 +69,43 @@ def _exploding_finding(
         summary=summary + (" and stayed high" if sustained else ""),
         evidence=evidence,
         cause="learning rate too high, a bad batch, or an overflow; clipping keeps the update bounded but not the cause",
-        fix="lower the LR, keep max_grad_norm=1.0, inspect the batch at the first high step",
+        fix=", ".join(x for x in ("lower the LR", clip_clause(info), "inspect the batch at the first high step") if x),
     )
+
+
+def _leap_finding(frame: pd.DataFrame, info: RunInfo | None, jump: float) -> list[Finding]:
+    """The grad norm leaps ``jump``x above the logs before it (any phase, any length of log)."""
+    leap = _jumps(frame, jump)
+    if leap is None:
+        return []
+    at, length, level, peak_value = leap
+    g_all = series(frame, "train/grad_norm", finite=True)
+    st = g_all.index.to_numpy()
+    sustained = at + length == st.size and length >= 2
+    evidence = {
+        "level_before": evidence_value(level),
+        "first_high_step": int(st[at]),
+        "max_value": evidence_value(peak_value),
+        "max_ratio": evidence_value(peak_value / level),
+        "high_points": length,
+        "jump_factor": jump,
+        "to_end_of_run": sustained,
+    }
+    summary = (
+        f"grad norm leapt from ~{num(evidence['level_before'])} to {num(evidence['max_value'])} "
+        f"({num(evidence['max_ratio'])}x) at step {st[at]}"
+    )
+    return [
+        _exploding_finding(
+            frame,
+            info,
+            evidence,
+            first=int(st[at]),
+            last=int(st[at + length - 1]),
+            sustained=sustained,
+            summary=summary,
+        )
+    ]
 
 
 @detector(requires=("train/grad_norm",), signatures=("exploding_gradients",), tags=("gradients",))
@@ -119,51 +156,16 @@ def exploding_gradients(
         if s3.size:
             evidence["climb_start_step"] = int(steps[int(s3[-1])])
         summary = (
-            f"grad norm rose to {evidence['max_value']} ({evidence['max_ratio']}x its post-warmup median of "
-            f"{evidence['baseline_median']}) from step {steps[first]}"
+            f"grad norm rose to {num(evidence['max_value'])} ({num(evidence['max_ratio'])}x its post-warmup median of "
+            f"{num(evidence['baseline_median'])}) from step {steps[first]}"
         )
-        return [
-            _exploding_finding(
-                frame,
-                info,
-                evidence,
-                first=int(steps[first]),
-                last=int(steps[int(ends[-1]) - 1]),
-                sustained=sustained,
-                summary=summary,
-            )
-        ]
-    leap = _jumps(frame, jump)
-    if leap is None:
-        return []
-    at, length, level, peak_value = leap
-    g_all = series(frame, "train/grad_norm", finite=True)
-    st = g_all.index.to_numpy()
-    sustained = at + length == st.size and length >= 2
-    evidence = {
-        "level_before": evidence_value(level),
-        "first_high_step": int(st[at]),
-        "max_value": evidence_value(peak_value),
-        "max_ratio": evidence_value(peak_value / level),
-        "high_points": length,
-        "jump_factor": jump,
-        "to_end_of_run": sustained,
-    }
-    summary = (
-        f"grad norm leapt from ~{evidence['level_before']} to {evidence['max_value']} "
-        f"({evidence['max_ratio']}x) at step {st[at]}"
-    )
-    return [
-        _exploding_finding(
-            frame,
-            info,
-            evidence,
-            first=int(st[at]),
-            last=int(st[at + length - 1]),
-            sustained=sustained,
-            summary=summary,
-        )
-    ]
+        span: dict[str, Any] = {
+            "first": int(steps[first]),
+            "last": int(steps[int(ends[-1]) - 1]),
+            "sustained": sustained,
+        }
+        return [_exploding_finding(frame, info, evidence, summary=summary, **span)]
+    return _leap_finding(frame, info, jump)
 
 
 @detector(requires=("train/grad_norm", "train/loss"), signatures=("vanishing_gradients",), tags=("gradients",))
@@ -195,8 +197,8 @@ def vanishing_gradients(
     lv = reduce_points(loss, max_points=20_000).to_numpy(dtype=np.float64)
     late = float(np.median(v[v.size // 2 :]))
     early = float(np.median(v[: max(2, v.size // 10)]))
-    loss_start = float(np.median(lv[: max(2, lv.size // 10)]))
-    loss_end = float(np.median(lv[-max(2, lv.size // 10) :]))
+    tenth = max(2, lv.size // 10)
+    loss_start, loss_end = float(np.median(lv[:tenth])), float(np.median(lv[-tenth:]))
     all_zero = float((v == 0.0).mean()) >= zero_share and not (lv == 0.0).all()
     if not all_zero:
         if loss_end == 0.0 or not abs(loss_start) > 0:
@@ -216,16 +218,19 @@ def vanishing_gradients(
         "abs_floor": abs_floor,
         "exactly_zero_share": evidence_value(float((v == 0.0).mean())),
     }
-    return [
-        Finding(
-            signature="vanishing_gradients",
-            severity=Severity.ERROR,
-            step=first,
-            end_step=int(g.index[-1]),
-            metric="train/grad_norm",
-            summary=f"grad norm ~{evidence['median_grad_norm_late']} (near zero) from step {first} while the loss stays at {evidence['loss_end']}",
-            evidence=evidence,
-            cause="no gradient reaches the weights: frozen/detached parameters, an adapter not attached, or labels all masked",
-            fix="print the trainable parameter count; check requires_grad, the PEFT wrapping and the labels",
-        )
-    ]
+    return [_vanishing_finding(g, first, evidence)]
+
+
+def _vanishing_finding(g: pd.Series, first: int, evidence: dict[str, Any]) -> Finding:
+    """The vanishing_gradients finding, from step ``first`` to the last grad-norm log."""
+    return Finding(
+        signature="vanishing_gradients",
+        severity=Severity.ERROR,
+        step=first,
+        end_step=int(g.index[-1]),
+        metric="train/grad_norm",
+        summary=f"grad norm ~{num(evidence['median_grad_norm_late'])} (near zero) from step {first} while the loss stays at {num(evidence['loss_end'])}",
+        evidence=evidence,
+        cause="no gradient reaches the weights: frozen/detached parameters, an adapter not attached, or labels all masked",
+        fix="print the trainable parameter count; check requires_grad, the PEFT wrapping and the labels",
+    )

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 
 from autopsy.checkpoints import restart_point
+from autopsy.detectors._advice import nan_cause, nan_fix, used_fp16
 from autopsy.detectors._context import rl_objective
 from autopsy.detectors._evidence import grad_climb
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.metrics import loss_metrics
 from autopsy.runinfo import RunInfo
 from autopsy.series import metric_names, series
@@ -56,23 +57,6 @@ def _nonfinite_run(values: pd.Series) -> dict | None:
     }
 
 
-def _nan_cause(info: RunInfo | None) -> str:
-    parts = ["a too-high learning rate or an overflow in low precision poisoned the update"]
-    if info is not None:
-        if info.config_value("fp16") is True:
-            parts = ["fp16 overflow: the run used fp16, whose range (max 65504) activations and gradients exceed"]
-        lr = info.config_value("learning_rate")
-        if lr is not None:
-            parts.append(f"learning_rate={lr}")
-    return "; ".join(parts) + "; or a bad batch (all labels masked, corrupt ids)"
-
-
-_NAN_FIX = (
-    "restart from the last finite checkpoint with a lower learning rate (2-10x), bf16 instead of fp16, "
-    "max_grad_norm=1.0; replay the failing step with `autopsy replay` to find the layer that overflowed"
-)
-
-
 @detector(requires_any=("train/loss", "eval/loss"), signatures=("nan_loss",), tags=("numerics",))
 def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
     """A loss is NaN or infinite at some step.
@@ -93,9 +77,9 @@ def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Findin
         evidence.update(grad_climb(frame, first))
         severity = Severity.CRITICAL if run["persistent"] or metric.startswith("eval/") else Severity.WARNING
         where = "train" if metric.startswith("train/") else "eval"
-        summary = f"{where} loss is {run['first_kind']} from step {first}"
+        summary = f"{where} loss is {num(run['first_kind'])} from step {first}"
         if not run["persistent"]:
-            summary = f"{where} loss was non-finite at {run['nonfinite_points']} of {run['points']} points from step {first}, then finite again"
+            summary = f"{where} loss was non-finite at {num(run['nonfinite_points'])} of {num(run['points'])} points from step {first}, then finite again"
         out.append(
             Finding(
                 signature="nan_loss",
@@ -105,8 +89,8 @@ def nan_loss(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Findin
                 metric=metric,
                 summary=summary,
                 evidence=evidence,
-                cause=_nan_cause(info),
-                fix=_NAN_FIX,
+                cause=nan_cause(info, frame),
+                fix=nan_fix(info, frame),
             )
         )
     return out
@@ -143,14 +127,14 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
     )
     if dead:
         severity = Severity.CRITICAL
-        summary = f"grad norm is {run['first_kind']} from step {first} to the end of the run ({run['nonfinite_points']} logged points)"
+        summary = f"grad norm is {num(run['first_kind'])} from step {first} to the end of the run ({num(run['nonfinite_points'])} logged points)"
     else:
         severity = Severity.WARNING
         summary = (
-            f"grad norm was non-finite at {run['nonfinite_points']} of {run['points']} points from step {first}, "
+            f"grad norm was non-finite at {num(run['nonfinite_points'])} of {num(run['points'])} points from step {first}, "
             "and the run recovered (skipped steps)"
         )
-    cause = _nan_cause(info)
+    cause = nan_cause(info, frame)
     if evidence.get("loss_zero_after"):
         cause += "; the loss reads 0.0 because logging_nan_inf_filter=True replaced the NaN losses"
     return [
@@ -163,7 +147,13 @@ def nan_grad_norm(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[F
             summary=summary,
             evidence=evidence,
             cause=cause,
-            fix=_NAN_FIX if dead else "check the fp16 loss scale; if skips are frequent, switch to bf16",
+            fix=nan_fix(info, frame)
+            if dead
+            else (
+                "fp16's loss scaler skipped those steps: if skips are frequent, switch to bf16"
+                if used_fp16(info, frame)
+                else "a step the run skipped or survived: inspect its batch if it repeats"
+            ),
         )
     ]
 
@@ -185,18 +175,25 @@ def _share_during(frame: pd.DataFrame, metric: str, first: int, last: int, test:
     return float(test(during).mean()) if during.size else 0.0
 
 
-def _zero_verdict(grad_nonfinite: bool, grad_zero: bool, to_end: bool) -> tuple[str, str, Severity]:
+def _zero_verdict(grad_nonfinite: bool, grad_zero: bool, to_end: bool, fix: str) -> tuple[str, str, Severity]:
     if grad_nonfinite:
-        return ("the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
-                "all NaN, and the grad norm is non-finite at the same steps",
-                _NAN_FIX + "; set logging_nan_inf_filter=False to see NaN losses as they happen", Severity.CRITICAL)
+        return (
+            "the loss was NaN: HF Trainer's logging_nan_inf_filter=True logs 0.0 for a window whose losses were "
+            "all NaN, and the grad norm is non-finite at the same steps",
+            fix + "; set logging_nan_inf_filter=False to see NaN losses as they happen",
+            Severity.CRITICAL,
+        )
     if grad_zero:
-        return ("no gradient flows: every label is -100 (masked) or the loss is detached",
-                "check the collator's labels (are all -100?), the prompt masking, and that trainable parameters exist",
-                Severity.CRITICAL)
-    return ("a NaN hidden by logging_nan_inf_filter, or every label masked (-100)",
-            "log the grad norm, set logging_nan_inf_filter=False, and check that the labels are not all -100",
-            Severity.CRITICAL if to_end else Severity.ERROR)
+        return (
+            "no gradient flows: every label is -100 (masked) or the loss is detached",
+            "check the collator's labels (are all -100?), the prompt masking, and that trainable parameters exist",
+            Severity.CRITICAL,
+        )
+    return (
+        "a NaN hidden by logging_nan_inf_filter, or every label masked (-100)",
+        "log the grad norm, set logging_nan_inf_filter=False, and check that the labels are not all -100",
+        Severity.CRITICAL if to_end else Severity.ERROR,
+    )
 
 
 @detector(requires=("train/loss",), signatures=("loss_zero_collapse",), tags=("numerics",))
@@ -231,15 +228,31 @@ def loss_zero_collapse(frame: pd.DataFrame, *, info: RunInfo | None = None, min_
         return []  # GRPO/PPO losses are exactly 0 by construction at times
     to_end = end == v.size - 1
     evidence = {
-        "first_zero_step": first, "last_zero_step": last, "zero_points": end - start + 1, "to_end_of_run": bool(to_end),
+        "first_zero_step": first,
+        "last_zero_step": last,
+        "zero_points": end - start + 1,
+        "to_end_of_run": bool(to_end),
         "loss_before": evidence_value(float(before[-1])) if before.size else None,
         "median_loss_before": evidence_value(float(np.median(before))) if before.size else None,
-        "last_nonzero_step": int(steps[start - 1]) if start > 0 else None, "from_first_log": bool(from_start),
-        "grad_norm_nonfinite": grad_nonfinite, "grad_norm_zero": grad_zero, "learning_rate_zero": lr_zero,
+        "last_nonzero_step": int(steps[start - 1]) if start > 0 else None,
+        "from_first_log": bool(from_start),
+        "grad_norm_nonfinite": grad_nonfinite,
+        "grad_norm_zero": grad_zero,
+        "learning_rate_zero": lr_zero,
     }
     evidence.update(restart_point(info, first))
-    cause, fix, severity = _zero_verdict(grad_nonfinite, grad_zero, to_end)
-    return [Finding(signature="loss_zero_collapse", severity=severity, step=first, end_step=last, metric="train/loss",
-                    summary=f"train loss is exactly 0.0 from step {first}" + (" to the end of the run" if to_end else
-                                                                              f" to step {last}"),
-                    evidence=evidence, cause=cause, fix=fix)]
+    cause, fix, severity = _zero_verdict(grad_nonfinite, grad_zero, to_end, nan_fix(info, frame))
+    return [
+        Finding(
+            signature="loss_zero_collapse",
+            severity=severity,
+            step=first,
+            end_step=last,
+            metric="train/loss",
+            summary=f"train loss is exactly 0.0 from step {first}"
+            + (" to the end of the run" if to_end else f" to step {last}"),
+            evidence=evidence,
+            cause=cause,
+            fix=fix,
+        )
+    ]

@@ -11,7 +11,7 @@ import pandas as pd
 from autopsy.detectors._context import primary_loss, rl_objective
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import noise_scale
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.metrics import eval_loss_metrics
 from autopsy.runinfo import RunInfo, chance_levels
 from autopsy.series import metric_names, series
@@ -24,10 +24,14 @@ __all__ = ["plateau"]
 LM_VOCABS = (30522, 32000, 32768, 50257, 65024, 100277, 128256, 151936, 250880, 256000)
 _CAUSE = "the weights are not learning: learning rate far too low, labels masked, or frozen parameters"
 _FIX = "try a 10x higher learning rate; check that labels are not all -100 and that parameters are trainable"
-_UNIFORM_CAUSE = ("the model outputs a uniform distribution: saturated or dead logits (outputs scaled up, a collapsed "
-                  "layer), labels masked, or the weights not updating")
-_UNIFORM_FIX = ("check the logits' scale and the labels of a batch; lower the LR if the loss was unstable before; "
-                "10x it if it never moved")
+_UNIFORM_CAUSE = (
+    "the model outputs a uniform distribution: saturated or dead logits (outputs scaled up, a collapsed "
+    "layer), labels masked, or the weights not updating"
+)
+_UNIFORM_FIX = (
+    "check the logits' scale and the labels of a batch; lower the LR if the loss was unstable before; "
+    "10x it if it never moved"
+)
 
 
 def _levels(info: RunInfo | None, classes: tuple[int, ...]) -> dict[str, float]:
@@ -37,8 +41,9 @@ def _levels(info: RunInfo | None, classes: tuple[int, ...]) -> dict[str, float]:
     return levels
 
 
-def _near_chance(level: float, info: RunInfo | None, tol: float, classes: tuple[int, ...] = (), *,
-                 generic: bool = True) -> tuple[str, float] | None:
+def _near_chance(
+    level: float, info: RunInfo | None, tol: float, classes: tuple[int, ...] = (), *, generic: bool = True
+) -> tuple[str, float] | None:
     """The chance level nearest to ``level`` within ``tol``: the config's (ln(num_labels), ln(vocab_size)), and with
     ``generic`` ln(2)..ln(10) and ``classes`` (only for a loss pinned to the last digits: those lie too close together
     for a loose tolerance to mean anything without the config)."""
@@ -49,8 +54,9 @@ def _near_chance(level: float, info: RunInfo | None, tol: float, classes: tuple[
     return best if abs(best[1] - level) <= tol * best[1] else None
 
 
-def _pinned(v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[int, ...], min_points: int,
-            min_share: float) -> tuple[str, float, int] | None:
+def _pinned(
+    v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[int, ...], min_points: int, min_share: float
+) -> tuple[str, float, int] | None:
     """(level name, value, points) when the loss ends pinned at a chance level: the trailing run of logs within
     ``tol`` of ln(k) covers at least ``min_points`` logs and ``min_share`` of the run."""
     if v.size < min_points:
@@ -65,12 +71,28 @@ def _pinned(v: np.ndarray, info: RunInfo | None, *, tol: float, classes: tuple[i
     return chance[0], chance[1], tail
 
 
-def _finding(metric: str, steps: np.ndarray, first: int, summary: str, evidence: dict[str, Any], *,
-             severity: Severity, uniform: bool) -> Finding:
+def _finding(
+    metric: str,
+    steps: np.ndarray,
+    first: int,
+    summary: str,
+    evidence: dict[str, Any],
+    *,
+    severity: Severity,
+    uniform: bool,
+) -> Finding:
     evidence.update(points=int(steps.size), first_step=int(steps[0]), last_step=int(steps[-1]))
-    return Finding(signature="plateau", severity=severity, step=int(steps[first]), end_step=int(steps[-1]),
-                   metric=metric, summary=summary, evidence=evidence, cause=_UNIFORM_CAUSE if uniform else _CAUSE,
-                   fix=_UNIFORM_FIX if uniform else _FIX)
+    return Finding(
+        signature="plateau",
+        severity=severity,
+        step=int(steps[first]),
+        end_step=int(steps[-1]),
+        metric=metric,
+        summary=summary,
+        evidence=evidence,
+        cause=_UNIFORM_CAUSE if uniform else _CAUSE,
+        fix=_UNIFORM_FIX if uniform else _FIX,
+    )
 
 
 def _from_start(frame: pd.DataFrame, info: RunInfo | None, first_step: int) -> bool:
@@ -82,8 +104,9 @@ def _from_start(frame: pd.DataFrame, info: RunInfo | None, first_step: int) -> b
     return bool(info is not None and info.max_steps and first_step <= 0.05 * info.max_steps)
 
 
-def _moved(v: np.ndarray, *, min_drop: float, small_drop: float, sigmas: float,
-           from_start: bool) -> tuple[bool, dict[str, Any]]:
+def _moved(
+    v: np.ndarray, *, min_drop: float, small_drop: float, sigmas: float, from_start: bool
+) -> tuple[bool, dict[str, Any]]:
     """Whether the loss fell from its start: by `min_drop` or more and, for a log that covers training from its
     start, by `small_drop` or more or beyond the noise (the difference of the head and tail medians against its
     standard error)."""
@@ -96,9 +119,13 @@ def _moved(v: np.ndarray, *, min_drop: float, small_drop: float, sigmas: float,
     se = 1.25 * noise * math.sqrt(1.0 / head.size + 1.0 / tail.size) / max(abs(start), 1e-12)
     beyond_noise = drop >= small_drop or drop > sigmas * se or not from_start
     moved = (drop >= min_drop and beyond_noise) or drop < -0.05  # a rising loss is divergence's
-    return moved, {"start_level": evidence_value(start), "end_level": evidence_value(end),
-                   "relative_drop": evidence_value(drop), "noise": evidence_value(noise),
-                   "drop_in_standard_errors": evidence_value(drop / se) if se > 0 else None}
+    return moved, {
+        "start_level": evidence_value(start),
+        "end_level": evidence_value(end),
+        "relative_drop": evidence_value(drop),
+        "noise": evidence_value(noise),
+        "drop_in_standard_errors": evidence_value(drop / se) if se > 0 else None,
+    }
 
 
 def _flat(v: np.ndarray, *, spread: float, points: int) -> float | None:
@@ -111,8 +138,9 @@ def _flat(v: np.ndarray, *, spread: float, points: int) -> float | None:
     return width if width <= spread else None
 
 
-def _eval_at_chance(frame: pd.DataFrame, info: RunInfo | None, *, tol: float, vocab_tol: float,
-                    classes: tuple[int, ...]) -> Finding | None:
+def _eval_at_chance(
+    frame: pd.DataFrame, info: RunInfo | None, *, tol: float, vocab_tol: float, classes: tuple[int, ...]
+) -> Finding | None:
     """The eval loss ends within tolerance of a chance level for its last 3 evals and moved under 5% overall."""
     for metric in eval_loss_metrics(metric_names(frame)):
         e = series(frame, metric, finite=True)
@@ -125,12 +153,57 @@ def _eval_at_chance(frame: pd.DataFrame, info: RunInfo | None, *, tol: float, vo
         name, value = min(levels.items(), key=lambda kv: abs(kv[1] - v[-1]))
         t = tol if name in chance_levels(info) else vocab_tol
         if np.all(np.abs(v[-3:] - value) <= t * value):
-            ev = {"chance_level": name, "chance_value": evidence_value(value), "end_level": evidence_value(float(v[-1])),
-                  "start_level": evidence_value(float(v[0]))}
-            summary = (f"{metric} stays at {ev['end_level']} ~ {name} = {ev['chance_value']} (chance) over {v.size} "
-                       "evals: the model predicts uniformly")
+            ev = {
+                "chance_level": name,
+                "chance_value": evidence_value(value),
+                "end_level": evidence_value(float(v[-1])),
+                "start_level": evidence_value(float(v[0])),
+            }
+            summary = (
+                f"{metric} stays at {num(ev['end_level'])} ~ {name} = {num(ev['chance_value'])} (chance) over {v.size} "
+                "evals: the model predicts uniformly"
+            )
             return _finding(metric, e.index.to_numpy(), 0, summary, ev, severity=Severity.ERROR, uniform=True)
     return None
+
+
+def _barely_moved(
+    frame: pd.DataFrame,
+    info: RunInfo | None,
+    metric: str,
+    v: np.ndarray,
+    steps: np.ndarray,
+    *,
+    min_drop: float,
+    small_drop: float,
+    sigmas: float,
+    chance_tol: float,
+) -> Finding | None:
+    """The loss ends barely below its start (or stuck at a chance level the whole run); None when it moved."""
+    name = metric.split("/")[0]
+    moved, ev = _moved(
+        v, min_drop=min_drop, small_drop=small_drop, sigmas=sigmas, from_start=_from_start(frame, info, int(steps[0]))
+    )
+    if moved:
+        return None
+    chance = _near_chance(float(ev["end_level"]), info, chance_tol, generic=False)
+    if info is not None and info.config_value("learning_rate") is not None:
+        ev["learning_rate"] = info.config_value("learning_rate")
+    if chance:
+        ev.update(chance_level=chance[0], chance_value=evidence_value(chance[1]))
+        summary = (
+            f"{name} loss stuck at {num(ev['end_level'])} ~ {chance[0]} = {num(ev['chance_value'])} (chance) for "
+            "the whole run"
+        )
+    else:
+        drop = float(ev["relative_drop"])
+        summary = (
+            f"{name} loss barely moved: {num(ev['start_level'])} -> {num(ev['end_level'])} ({drop:.1%}) over "
+            f"{v.size} logs" + (", within the noise of its logs" if drop >= min_drop else "")
+        )
+    return _finding(
+        metric, steps, 0, summary, ev, severity=Severity.ERROR if chance else Severity.WARNING, uniform=bool(chance)
+    )
 
 
 @detector(requires_any=("train/loss", "eval/loss"), signatures=("plateau",), tags=("loss",))
@@ -175,45 +248,72 @@ def plateau(
     metric, loss = primary_loss(frame)
     loss = loss[loss.to_numpy() != 0.0]  # exact 0.0 losses are loss_zero_collapse's (HF's NaN filter), not a level
     v, steps = loss.to_numpy(dtype=np.float64), loss.index.to_numpy()
-    name = metric.split("/")[0]
-    pinned = _pinned(v, info, tol=pin_tol, classes=tuple(chance_classes), min_points=pin_points,
-                     min_share=pin_share) if v.size else None
+    pinned = (
+        _pinned(v, info, tol=pin_tol, classes=tuple(chance_classes), min_points=pin_points, min_share=pin_share)
+        if v.size
+        else None
+    )
     if pinned is not None:
-        first = v.size - pinned[2]
-        ev = {"chance_level": pinned[0], "chance_value": evidence_value(pinned[1]), "pinned_points": int(pinned[2]),
-              "pinned_from_step": int(steps[first]), "end_level": evidence_value(float(v[-1])),
-              "max_deviation": evidence_value(float(np.max(np.abs(v[first:] - pinned[1]))))}
-        summary = (f"{name} loss pinned at {ev['end_level']} ~ {pinned[0]} = {ev['chance_value']} (chance) for the last "
-                   f"{pinned[2]} logs, from step {steps[first]}: the model predicts uniformly")
-        return [_finding(metric, steps, first, summary, ev, severity=Severity.ERROR, uniform=True)]
+        return [_pinned_finding(metric, v, steps, pinned)]
     if v.size and not np.all(v == 0.0):
         width = _flat(v, spread=flat_spread, points=flat_points)
         if width is not None:
-            chance = _near_chance(float(np.median(v[1:])), info, chance_tol, generic=False)
-            ev = {"spread_after_first_log": evidence_value(width), "end_level": evidence_value(float(v[-1])),
-                  "first_level": evidence_value(float(v[0]))}
-            if chance:
-                ev.update(chance_level=chance[0], chance_value=evidence_value(chance[1]))
-            summary = (f"{name} loss flat at {ev['end_level']} (every log after the first within {width:.2%})"
-                       + (f" ~ {chance[0]} (chance)" if chance else ""))
-            return [_finding(metric, steps, 1, summary, ev, severity=Severity.ERROR if chance else Severity.WARNING,
-                             uniform=bool(chance))]
+            return [
+                _flat_finding(
+                    metric, v, steps, width, _near_chance(float(np.median(v[1:])), info, chance_tol, generic=False)
+                )
+            ]
     if v.size >= min_points and not np.all(v == 0.0):
-        moved, ev = _moved(v, min_drop=min_drop, small_drop=small_drop, sigmas=sigmas,
-                           from_start=_from_start(frame, info, int(steps[0])))
-        if not moved:
-            chance = _near_chance(float(ev["end_level"]), info, chance_tol, generic=False)
-            if info is not None and info.config_value("learning_rate") is not None:
-                ev["learning_rate"] = info.config_value("learning_rate")
-            if chance:
-                ev.update(chance_level=chance[0], chance_value=evidence_value(chance[1]))
-                summary = (f"{name} loss stuck at {ev['end_level']} ~ {chance[0]} = {ev['chance_value']} (chance) for "
-                           "the whole run")
-            else:
-                drop = float(ev["relative_drop"])
-                summary = (f"{name} loss barely moved: {ev['start_level']} -> {ev['end_level']} ({drop:.1%}) over "
-                           f"{v.size} logs" + (", within the noise of its logs" if drop >= min_drop else ""))
-            return [_finding(metric, steps, 0, summary, ev, severity=Severity.ERROR if chance else Severity.WARNING,
-                             uniform=bool(chance))]
+        stuck = _barely_moved(
+            frame,
+            info,
+            metric,
+            v,
+            steps,
+            min_drop=min_drop,
+            small_drop=small_drop,
+            sigmas=sigmas,
+            chance_tol=chance_tol,
+        )
+        if stuck is not None:
+            return [stuck]
     found = _eval_at_chance(frame, info, tol=chance_tol, vocab_tol=vocab_tol, classes=tuple(chance_classes))
     return [found] if found is not None else []
+
+
+def _pinned_finding(metric: str, v: np.ndarray, steps: np.ndarray, pinned: tuple[str, float, int]) -> Finding:
+    """The finding of a loss that ends pinned at a chance level (an error: the model predicts uniformly)."""
+    first = v.size - pinned[2]
+    ev = {
+        "chance_level": pinned[0],
+        "chance_value": evidence_value(pinned[1]),
+        "pinned_points": int(pinned[2]),
+        "pinned_from_step": int(steps[first]),
+        "end_level": evidence_value(float(v[-1])),
+        "max_deviation": evidence_value(float(np.max(np.abs(v[first:] - pinned[1])))),
+    }
+    summary = (
+        f"{metric.split('/')[0]} loss pinned at {num(ev['end_level'])} ~ {pinned[0]} = {num(ev['chance_value'])} "
+        f"(chance) for the last {pinned[2]} logs, from step {steps[first]}: the model predicts uniformly"
+    )
+    return _finding(metric, steps, first, summary, ev, severity=Severity.ERROR, uniform=True)
+
+
+def _flat_finding(
+    metric: str, v: np.ndarray, steps: np.ndarray, width: float, chance: tuple[str, float] | None
+) -> Finding:
+    """The finding of a loss whose every log after the first lies within ``width`` of their median: an error at a
+    chance level, else a warning."""
+    ev = {
+        "spread_after_first_log": evidence_value(width),
+        "end_level": evidence_value(float(v[-1])),
+        "first_level": evidence_value(float(v[0])),
+    }
+    if chance:
+        ev.update(chance_level=chance[0], chance_value=evidence_value(chance[1]))
+    summary = (
+        f"{metric.split('/')[0]} loss flat at {num(ev['end_level'])} (every log after the first within {width:.2%})"
+    )
+    summary += f" ~ {chance[0]} (chance)" if chance else ""
+    severity = Severity.ERROR if chance else Severity.WARNING
+    return _finding(metric, steps, 1, summary, ev, severity=severity, uniform=bool(chance))

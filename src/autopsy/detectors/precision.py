@@ -9,16 +9,20 @@ import numpy as np
 import pandas as pd
 
 from autopsy.detectors._registry import detector
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.runinfo import RunInfo
 from autopsy.series import series
 
 __all__ = ["loss_scale_collapse"]
 
-_SCALE_CAUSE = ("fp16 overflow on (nearly) every step: gradients or activations exceed fp16's range, so the dynamic "
-                "scaler keeps halving and the optimizer skips the updates")
-_SCALE_FIX = ("train in bf16 (bf16=True) instead of fp16; otherwise lower the LR, clip gradients, and find the "
-              "overflowing layer (autopsy replay)")
+_SCALE_CAUSE = (
+    "fp16 overflow on (nearly) every step: gradients or activations exceed fp16's range, so the dynamic "
+    "scaler keeps halving and the optimizer skips the updates"
+)
+_SCALE_FIX = (
+    "train in bf16 (bf16=True) instead of fp16; otherwise lower the LR, clip gradients, and find the "
+    "overflowing layer (autopsy replay)"
+)
 
 
 def _skipping_every_step(frame: pd.DataFrame, points: int, share: float) -> dict[str, Any] | None:
@@ -32,12 +36,19 @@ def _skipping_every_step(frame: pd.DataFrame, points: int, share: float) -> dict
     skipped = float(tail.iloc[-1] - tail.iloc[0])
     if steps_elapsed <= 0 or skipped < share * steps_elapsed:
         return None
-    return {"skipped_in_window": evidence_value(skipped), "steps_in_window": int(steps_elapsed),
-            "from_step": int(tail.index[0]), "to_step": int(tail.index[-1])}
+    return {
+        "skipped_in_window": evidence_value(skipped),
+        "steps_in_window": int(steps_elapsed),
+        "from_step": int(tail.index[0]),
+        "to_step": int(tail.index[-1]),
+    }
 
 
-@detector(requires_any=("train/loss_scale", "train/skipped_steps"), signatures=("loss_scale_collapse",),
-          tags=("numerics", "precision"))
+@detector(
+    requires_any=("train/loss_scale", "train/skipped_steps"),
+    signatures=("loss_scale_collapse",),
+    tags=("numerics", "precision"),
+)
 def loss_scale_collapse(
     frame: pd.DataFrame,
     *,
@@ -62,11 +73,7 @@ def loss_scale_collapse(
     """
     skipping = _skipping_every_step(frame, skip_points, skip_share)
     if skipping is not None:
-        return [Finding(signature="loss_scale_collapse", severity=Severity.CRITICAL, step=skipping["from_step"],
-                        end_step=skipping["to_step"], metric="train/skipped_steps",
-                        summary=(f"{skipping['skipped_in_window']:g} of the {skipping['steps_in_window']} updates from "
-                                 f"step {skipping['from_step']} were skipped: every step overflows"),
-                        evidence=skipping, cause=_SCALE_CAUSE, fix=_SCALE_FIX)]
+        return [_skipping_finding(skipping)]
     s = series(frame, "train/loss_scale")
     v = s.to_numpy(dtype=np.float64)
     v = v[np.isfinite(v) & (v > 0)]
@@ -103,10 +110,28 @@ def loss_scale_collapse(
             step=first,
             end_step=int(steps[-1]),
             metric="train/loss_scale",
-            summary=f"fp16 loss scale fell to {evidence_value(final)} ({halvings:.0f} halvings from "
-            f"{evidence_value(peak)}); steps overflow and are skipped",
+            summary=f"fp16 loss scale fell to {num(final)} ({halvings:.0f} halvings from "
+            f"{num(peak)}); steps overflow and are skipped",
             evidence=evidence,
             cause=_SCALE_CAUSE,
             fix=_SCALE_FIX,
         )
     ]
+
+
+def _skipping_finding(skipping: dict[str, Any]) -> Finding:
+    """The finding of a run whose every update is skipped (the skipped-steps counter climbs with the steps)."""
+    return Finding(
+        signature="loss_scale_collapse",
+        severity=Severity.CRITICAL,
+        step=skipping["from_step"],
+        end_step=skipping["to_step"],
+        metric="train/skipped_steps",
+        summary=(
+            f"{skipping['skipped_in_window']:g} of the {num(skipping['steps_in_window'])} updates from "
+            f"step {num(skipping['from_step'])} were skipped: every step overflows"
+        ),
+        evidence=skipping,
+        cause=_SCALE_CAUSE,
+        fix=_SCALE_FIX,
+    )

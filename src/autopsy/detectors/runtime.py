@@ -127,7 +127,8 @@ def crash(frame: pd.DataFrame, *, info: RunInfo | None = None) -> list[Finding]:
                         f"most headroom: {est['best_knob']} (saves ~{est['savings_gib'][est['best_knob']]} GiB); " + fix
                     )
     if kind == "other" and c.get("exception"):
-        cause = f"the training process raised {c['exception']}: {str(c.get('message', ''))[:160]}"
+        message = str(c.get("message", "")).removeprefix(f"{c['exception']}:").strip()  # the log's line names it too
+        cause = f"the training process raised {c['exception']}" + (f": {message[:160]}" if message else "")
     where = f" after step {last}" if last is not None else ""
     severity = Severity.WARNING if kind == "interrupted" else Severity.CRITICAL
     if c.get("message_cut"):
@@ -176,8 +177,12 @@ def _stopped_early_with_summary(frame: pd.DataFrame, info: RunInfo, share: float
     e = series(frame, "eval/loss", finite=True).to_numpy()
     if e.size >= 3 and int(np.argmin(e)) <= e.size - 3:
         return None  # patience ran out: early stopping, not an abrupt end
-    return {"last_step": int(last), "max_steps": int(info.max_steps), "share_done": evidence_value(last / info.max_steps),
-            "final_summary": True}
+    return {
+        "last_step": int(last),
+        "max_steps": int(info.max_steps),
+        "share_done": evidence_value(last / info.max_steps),
+        "final_summary": True,
+    }
 
 
 def _stopped_short_counter(info: RunInfo) -> dict[str, Any] | None:
@@ -192,10 +197,18 @@ def _stopped_short_counter(info: RunInfo) -> dict[str, Any] | None:
 
 
 def _abrupt(summary: str, evidence: dict[str, Any], step: int | None, severity: Severity, cause: str) -> Finding:
-    return Finding(signature="abrupt_end", severity=severity, step=step, end_step=None, metric=None, summary=summary,
-                   evidence=evidence, cause=cause,
-                   fix="resume from the last checkpoint after fixing the cause; with no message, check the scheduler's "
-                       "log and `dmesg` for an oom-kill")
+    return Finding(
+        signature="abrupt_end",
+        severity=severity,
+        step=step,
+        end_step=None,
+        metric=None,
+        summary=summary,
+        evidence=evidence,
+        cause=cause,
+        fix="resume from the last checkpoint after fixing the cause; with no message, check the scheduler's "
+        "log and `dmesg` for an oom-kill",
+    )
 
 
 @detector(signatures=("abrupt_end",), tags=("runtime",))
@@ -209,7 +222,7 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
     for its last evals); or a console log's last progress counter stops short of its total
     (``[83264/97631]``) with no error and no final record: the job was killed silently (a warning: a log can also be
     cut). No NaN at the end (the NaN detectors explain those). A checkpoint's trainer_state.json saved mid-run is
-    not an end.
+    not an end, and neither is the last log of a run still being written (RunInfo.in_progress).
     Likely causes: OOM, preemption, a kill by the scheduler or the host's OOM killer, a time limit.
     What to check next: the crash evidence or the scheduler's log; resume from the last checkpoint.
     """
@@ -219,24 +232,38 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
         early = _stopped_early_with_summary(frame, info, early_share)
         if early is None:
             return []
-        return [_abrupt(f"training returned at step {early['last_step']} of {early['max_steps']} "
-                        f"({float(early['share_done']):.0%}) with no early stopping to explain it", early,
-                        early["last_step"], Severity.ERROR,
-                        "the run was stopped before its plan: a time limit, a callback, or max_steps changed on resume")]
+        return [
+            _abrupt(
+                f"training returned at step {early['last_step']} of {early['max_steps']} "
+                f"({float(early['share_done']):.0%}) with no early stopping to explain it",
+                early,
+                early["last_step"],
+                Severity.ERROR,
+                "the run was stopped before its plan: a time limit, a callback, or max_steps changed on resume",
+            )
+        ]
     last = _last_step(frame)
     c = _crash_info(info)
     if c is not None and c.get("kind") == "interrupted":
         return []
+    if c is None and info.in_progress:
+        return []  # still being written (RunInfo.in_progress): not ended, so not ended early
     planned = info.max_steps or _planned_from_epochs(frame, info)
     short = planned is not None and last is not None and last < planned
     if c is None and not (short and info.finished is False):
         counter = _stopped_short_counter(info)
         if counter is None:
             return []
-        return [_abrupt(f"the log stops at {counter['last_counter']} of a progress counter, with no error and no final "
-                        "record", {**counter, "last_step": last}, last, Severity.WARNING,
-                        "the process ended part-way with no message: a kill (OOM killer, scheduler, preemption), or "
-                        "the log was cut")]
+        return [
+            _abrupt(
+                f"the log stops at {counter['last_counter']} of a progress counter, with no error and no final record",
+                {**counter, "last_step": last},
+                last,
+                Severity.WARNING,
+                "the process ended part-way with no message: a kill (OOM killer, scheduler, preemption), or "
+                "the log was cut",
+            )
+        ]
     if last is None and c is None:
         return []
     evidence: dict[str, Any] = {"last_step": last, "max_steps": planned}
@@ -250,7 +277,18 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
         saved = [s for s in info.checkpoints if s <= last]
         evidence["last_checkpoint_step"] = max(saved) if saved else None
     why = f" ({c.get('kind')})" if c is not None else " with no final record"
-    summary = (f"the run stopped at step {last}{f' of {planned}' if planned else ''}{why}" if last is not None
-               else f"the run stopped before logging a step{why}")
-    return [_abrupt(summary, evidence, last, Severity.ERROR, "the process ended before its planned steps: " + (
-        "see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"))]
+    summary = (
+        f"the run stopped at step {last}{f' of {planned}' if planned else ''}{why}"
+        if last is not None
+        else f"the run stopped before logging a step{why}"
+    )
+    return [
+        _abrupt(
+            summary,
+            evidence,
+            last,
+            Severity.ERROR,
+            "the process ended before its planned steps: "
+            + ("see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"),
+        )
+    ]

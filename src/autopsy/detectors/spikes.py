@@ -16,10 +16,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from autopsy.detectors._advice import clip_clause
 from autopsy.detectors._context import rl_objective, warmup_end_step
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import causal_median, runs_of_true, settle_index
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.runinfo import RunInfo
 from autopsy.series import series
 
@@ -69,6 +70,84 @@ def _preset(v: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
 
         raise UsageError(f"loss_spike: unknown method {method!r}; use one of {', '.join(PRESETS)}")
     return high, level
+
+
+_WARMUP_CAUSE = (
+    "the learning rate reached its peak at the end of warmup: the peak LR is too high, or the warmup too short"
+)
+
+
+def _spike_fix(info: RunInfo | None) -> str:
+    """Look at the batch; clip (as the run's config allows); lower the peak LR when spikes repeat."""
+    steps = (
+        "inspect the batch at the spike",
+        clip_clause(info),
+        "lower the peak LR or lengthen warmup if spikes repeat",
+    )
+    return "; ".join(x for x in steps if x)
+
+
+def _finding(
+    v: np.ndarray,
+    steps: np.ndarray,
+    level: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    *,
+    info: RunInfo | None,
+    method: str,
+    warmup_end: int | None,
+) -> Finding:
+    """The finding of the recovered spikes ``starts``..``ends`` (indices into ``v``): the first, up to 10 in detail."""
+    peaks = np.array([s + int(np.argmax(v[s:e])) for s, e in zip(starts, ends)])  # one per spike (few)
+    ratio = v[peaks] / np.where(np.abs(level[peaks]) > 0, np.abs(level[peaks]), np.nan)
+    logging = info.logging_steps if info is not None and info.logging_steps else None
+    spikes = [
+        {
+            "step": int(steps[s]),
+            "peak_step": int(steps[p]),
+            "value": evidence_value(float(v[p])),
+            "level_before": evidence_value(float(level[p])),
+            "ratio": evidence_value(float(r)),
+            "logs_until_recovered": int(e - s),
+        }
+        for s, p, e, r in zip(starts[:10], peaks[:10], ends[:10], ratio[:10])
+    ]
+    first = spikes[0]
+    evidence: dict = {
+        "method": method,
+        "spikes": len(starts),
+        "first_spike_step": first["step"],
+        "first_spike_value": first["value"],
+        "level_before": first["level_before"],
+        "ratio_to_level": first["ratio"],
+        "max_ratio": evidence_value(float(np.nanmax(ratio))),
+        "details": spikes,
+        "logging_steps": logging,
+    }
+    if warmup_end:
+        wu = warmup_end
+        evidence["warmup_end_step"] = int(wu)
+        # at the end of warmup: within a quarter of the warmup length (or 2 logs) after the LR peak
+        tol = max(2 * (logging or 1), int(0.25 * wu))
+        evidence["at_warmup_end"] = bool(wu - tol <= first["step"] <= wu + tol)
+    many = len(starts) >= 5
+    summary = (
+        f"{len(starts)} loss spike(s); the first at step {num(first['step'])}: {num(first['value'])} vs a level of "
+        f"{num(first['level_before'])} ({num(first['ratio'])}x), recovered after {num(first['logs_until_recovered'])} log(s)"
+    )
+    cause = _WARMUP_CAUSE if evidence.get("at_warmup_end") else "a bad batch, or the learning rate at its peak"
+    return Finding(
+        signature="loss_spike",
+        severity=Severity.ERROR if many else Severity.WARNING,
+        step=first["step"],
+        end_step=spikes[-1]["step"] if len(spikes) > 1 else None,
+        metric="train/loss",
+        summary=summary,
+        evidence=evidence,
+        cause=cause,
+        fix=_spike_fix(info),
+    )
 
 
 @detector(requires=("train/loss",), signatures=("loss_spike",), tags=("loss",))
@@ -124,57 +203,4 @@ def loss_spike(
     starts, ends = starts[recovered], ends[recovered]
     if starts.size == 0:
         return []
-    peaks = np.array([s + int(np.argmax(v[s:e])) for s, e in zip(starts, ends)])  # one per spike (few)
-    ratio = v[peaks] / np.where(np.abs(level[peaks]) > 0, np.abs(level[peaks]), np.nan)
-    logging = info.logging_steps if info is not None and info.logging_steps else None
-    spikes = [
-        {
-            "step": int(steps[s]),
-            "peak_step": int(steps[p]),
-            "value": evidence_value(float(v[p])),
-            "level_before": evidence_value(float(level[p])),
-            "ratio": evidence_value(float(r)),
-            "logs_until_recovered": int(e - s),
-        }
-        for s, p, e, r in zip(starts[:10], peaks[:10], ends[:10], ratio[:10])
-    ]
-    first = spikes[0]
-    evidence: dict = {
-        "method": method,
-        "spikes": len(starts),
-        "first_spike_step": first["step"],
-        "first_spike_value": first["value"],
-        "level_before": first["level_before"],
-        "ratio_to_level": first["ratio"],
-        "max_ratio": evidence_value(float(np.nanmax(ratio))),
-        "details": spikes,
-        "logging_steps": logging,
-    }
-    if wu:
-        evidence["warmup_end_step"] = int(wu)
-        # at the end of warmup: within a quarter of the warmup length (or 2 logs) after the LR peak
-        tol = max(2 * (logging or 1), int(0.25 * wu))
-        evidence["at_warmup_end"] = bool(wu - tol <= first["step"] <= wu + tol)
-    many = len(starts) >= 5
-    summary = (
-        f"{len(starts)} loss spike(s); the first at step {first['step']}: {first['value']} vs a level of "
-        f"{first['level_before']} ({first['ratio']}x), recovered after {first['logs_until_recovered']} log(s)"
-    )
-    cause = "a bad batch, or the learning rate at its peak"
-    if evidence.get("at_warmup_end"):
-        cause = (
-            "the learning rate reached its peak at the end of warmup: the peak LR is too high, or the warmup too short"
-        )
-    return [
-        Finding(
-            signature="loss_spike",
-            severity=Severity.ERROR if many else Severity.WARNING,
-            step=first["step"],
-            end_step=spikes[-1]["step"] if len(spikes) > 1 else None,
-            metric="train/loss",
-            summary=summary,
-            evidence=evidence,
-            cause=cause,
-            fix="inspect the batch at the spike; keep max_grad_norm=1.0; lower the peak LR or lengthen warmup if spikes repeat",
-        )
-    ]
+    return [_finding(v, steps, level, starts, ends, info=info, method=method, warmup_end=wu)]

@@ -24,7 +24,7 @@ from autopsy.detectors._machine import (
 )
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import runs_of_true
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.memory_estimate import estimate_from_config
 from autopsy.runinfo import OOM_SIZES, RunInfo, trains_from_scratch
 from autopsy.series import last_step, metric_names, series
@@ -109,7 +109,7 @@ def memory_headroom(
     if crossed:
         metric, step = min(crossed.items(), key=lambda kv: kv[1])
         evidence["crossed_step"] = step
-        where = f"{metric} crossed {limit_pct:g}% at step {step} (peak {evidence['peak_pct']}%)"
+        where = f"{metric} crossed {limit_pct:g}% at step {step} (peak {num(evidence['peak_pct'])}%)"
     else:
         metric, step = None, (info.crash.last_step if info and info.crash else None) or last_step(frame)
         where = "the card ran out of memory"
@@ -220,9 +220,9 @@ def rank_imbalance(
                 severity=Severity.WARNING,
                 step=got["start"],
                 end_step=got["end"],
-                metric=f"system/gpu.{got['rank']}.{field}",
-                summary=f"GPU {got['rank']}'s {what} sits {got['gap']:.0f} points {side} the other ranks' "
-                f"({got['rank_median']:.0f}% vs {got['others_median']:.0f}%) from step {got['start']}",
+                metric=f"system/gpu.{num(got['rank'])}.{field}",
+                summary=f"GPU {num(got['rank'])}'s {what} sits {got['gap']:.0f} points {side} the other ranks' "
+                f"({got['rank_median']:.0f}% vs {got['others_median']:.0f}%) from step {num(got['start'])}",
                 evidence={
                     **{k: evidence_value(v) for k, v in got.items() if k != "moved"},
                     "gap_limit": gap,
@@ -309,10 +309,10 @@ def input_bound(
                 continue
         if signal == "util":
             evidence.update(util_median=evidence_value(level), limit_pct=limit, ranks=used)
-            summary = f"mean GPU utilisation {level:.0f}% (under {limit:g}%) from step {evidence['start']}"
+            summary = f"mean GPU utilisation {level:.0f}% (under {limit:g}%) from step {num(evidence['start'])}"
         else:
             evidence.update(data_share=evidence_value(level), limit=limit)
-            summary = f"the data loader takes {level:.0%} of each iteration from step {evidence['start']}"
+            summary = f"the data loader takes {level:.0%} of each iteration from step {num(evidence['start'])}"
         return [
             Finding(
                 signature="input_bound",
@@ -391,7 +391,7 @@ def low_mfu(
             step=step,
             metric="train/mfu" if logged is not None else (source if source in metric_names(frame) else None),
             summary=f"MFU {value:.1%}, {'far ' if severity is Severity.WARNING else ''}below the {low:.0%} a "
-            f"{evidence['kind']} run usually reaches",
+            f"{num(evidence['kind'])} run usually reaches",
             evidence=evidence,
             cause="the cards wait or compute inefficiently: a starved input pipeline, a small per-device batch, "
             "unfused attention, fp32 math, CPU offload",

@@ -15,19 +15,24 @@ import numpy as np
 import pandas as pd
 
 from autopsy.checkpoints import restart_point
+from autopsy.detectors._advice import clip_advice
 from autopsy.detectors._context import primary_loss, rl_objective, warmup_end_step
 from autopsy.detectors._evidence import grad_climb, minutes_between
 from autopsy.detectors._registry import detector
 from autopsy.detectors._stats import noise_scale, reduce_points, settle_index
 from autopsy.detectors.epochs import epoch_length
-from autopsy.findings import Finding, Severity, evidence_value
+from autopsy.findings import Finding, Severity, evidence_value, num
 from autopsy.runinfo import RunInfo
 from autopsy.series import series
 
 __all__ = ["divergence", "oscillation"]
 
 _CAUSE = "learning rate too high for this model and batch size, or a broken LR schedule"
-_FIX = "restart from the last checkpoint before the turn with a 2-10x lower LR, max_grad_norm=1.0 and warmup"
+
+
+def _fix(info: RunInfo | None) -> str:
+    changes = ", ".join(x for x in ("a 2-10x lower LR", clip_advice(info), "warmup") if x)
+    return f"restart from the last checkpoint before the turn with {changes}"
 
 
 def _smooth(v: np.ndarray, window: int) -> np.ndarray:
@@ -53,9 +58,15 @@ def _turn(v: np.ndarray, steps: np.ndarray, wu: int | None, rise: float, tail_sh
         return None
     past = np.flatnonzero(smooth[best_i:] > best + 0.5 * climb)  # the first step past half of the climb
     turn_i = best_i + int(past[0]) if past.size else best_i
-    return {"best_step": int(steps[best_i]), "best_level": evidence_value(best), "end_level": evidence_value(end_level),
-            "rise_ratio": evidence_value(end_level / best if best > 0 else float("inf")), "turn_step": int(steps[turn_i]),
-            "last_step": int(steps[-1]), "first_level": evidence_value(first_level)}
+    return {
+        "best_step": int(steps[best_i]),
+        "best_level": evidence_value(best),
+        "end_level": evidence_value(end_level),
+        "rise_ratio": evidence_value(end_level / best if best > 0 else float("inf")),
+        "turn_step": int(steps[turn_i]),
+        "last_step": int(steps[-1]),
+        "first_level": evidence_value(first_level),
+    }
 
 
 def _end_jump(v: np.ndarray, steps: np.ndarray, jump: float) -> dict[str, Any] | None:
@@ -66,13 +77,20 @@ def _end_jump(v: np.ndarray, steps: np.ndarray, jump: float) -> dict[str, Any] |
     if not k:
         return None
     level = float(np.median(v[:-k]))
-    return {"best_step": int(steps[-k - 1]), "best_level": evidence_value(level),
-            "end_level": evidence_value(float(v[-1])), "rise_ratio": evidence_value(float(v[-1]) / level),
-            "turn_step": int(steps[-k]), "last_step": int(steps[-1]), "points_high": k}
+    return {
+        "best_step": int(steps[-k - 1]),
+        "best_level": evidence_value(level),
+        "end_level": evidence_value(float(v[-1])),
+        "rise_ratio": evidence_value(float(v[-1]) / level),
+        "turn_step": int(steps[-k]),
+        "last_step": int(steps[-1]),
+        "points_high": k,
+    }
 
 
-def _divergence_evidence(frame: pd.DataFrame, info: RunInfo | None, ev: dict[str, Any], metric: str,
-                         wu: int | None) -> None:
+def _divergence_evidence(
+    frame: pd.DataFrame, info: RunInfo | None, ev: dict[str, Any], metric: str, wu: int | None
+) -> None:
     turn = int(ev["turn_step"])
     if wu:
         ev["warmup_end_step"] = int(wu)
@@ -124,13 +142,28 @@ def divergence(
     name = metric.split("/")[0] if metric != "train/loss" else "train"
     short = "points_high" in ev
     severity = Severity.WARNING if short and ev["points_high"] == 1 else Severity.CRITICAL
-    summary = (f"{name} loss diverged: from its best {ev['best_level']} at step {ev['best_step']} it climbed to "
-               f"{ev['end_level']} by the end (turn at step {ev['turn_step']}) and did not come back")
+    summary = (
+        f"{name} loss diverged: from its best {num(ev['best_level'])} at step {num(ev['best_step'])} it climbed to "
+        f"{num(ev['end_level'])} by the end (turn at step {num(ev['turn_step'])}) and did not come back"
+    )
     if short:
-        summary = (f"{name} loss leapt from ~{ev['best_level']} to {ev['end_level']} ({ev['rise_ratio']}x) at step "
-                   f"{ev['turn_step']} and the log ends there")
-    return [Finding(signature="divergence", severity=severity, step=int(ev["turn_step"]), end_step=int(steps[-1]),
-                    metric=metric, summary=summary, evidence=ev, cause=_CAUSE, fix=_FIX)]
+        summary = (
+            f"{name} loss leapt from ~{num(ev['best_level'])} to {num(ev['end_level'])} ({num(ev['rise_ratio'])}x) at step "
+            f"{num(ev['turn_step'])} and the log ends there"
+        )
+    return [
+        Finding(
+            signature="divergence",
+            severity=severity,
+            step=int(ev["turn_step"]),
+            end_step=int(steps[-1]),
+            metric=metric,
+            summary=summary,
+            evidence=ev,
+            cause=_CAUSE,
+            fix=_fix(info),
+        )
+    ]
 
 
 def _acf(x: np.ndarray, max_lag: int) -> np.ndarray:
@@ -196,12 +229,27 @@ def oscillation(
     epoch = epoch_length(frame, info)
     if epoch and min(abs(period_steps - epoch * k) for k in (1, 2)) <= 0.15 * epoch:
         return []
-    evidence = {"period_steps": evidence_value(period_steps), "amplitude": evidence_value(amp),
-                "relative_amplitude": evidence_value(amp / level), "autocorrelation_at_period": evidence_value(at_period),
-                "autocorrelation_at_half_period": evidence_value(trough), "from_step": int(steps[0])}
-    return [Finding(signature="oscillation", severity=Severity.WARNING, step=int(steps[0]), end_step=int(steps[-1]),
-                    metric="train/loss",
-                    summary=(f"train loss oscillates with a period of ~{period_steps:.0f} steps and a swing of "
-                             f"{amp / level:.0%} of its level"),
-                    evidence=evidence, cause="the learning rate is too high for the schedule, or the LR schedule itself cycles",
-                    fix="lower the learning rate 2-5x or lengthen warmup; check lr_scheduler_type")]
+    evidence = {
+        "period_steps": evidence_value(period_steps),
+        "amplitude": evidence_value(amp),
+        "relative_amplitude": evidence_value(amp / level),
+        "autocorrelation_at_period": evidence_value(at_period),
+        "autocorrelation_at_half_period": evidence_value(trough),
+        "from_step": int(steps[0]),
+    }
+    return [
+        Finding(
+            signature="oscillation",
+            severity=Severity.WARNING,
+            step=int(steps[0]),
+            end_step=int(steps[-1]),
+            metric="train/loss",
+            summary=(
+                f"train loss oscillates with a period of ~{period_steps:.0f} steps and a swing of "
+                f"{amp / level:.0%} of its level"
+            ),
+            evidence=evidence,
+            cause="the learning rate is too high for the schedule, or the LR schedule itself cycles",
+            fix="lower the learning rate 2-5x or lengthen warmup; check lr_scheduler_type",
+        )
+    ]

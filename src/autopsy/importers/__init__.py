@@ -37,6 +37,7 @@ from autopsy.errors import AutopsyError, InputError, UsageError
 from autopsy.frame import concat_frames, empty_frame, merge_sources
 from autopsy.importers._base import ENGINES, Imported, ReadOptions
 from autopsy.importers._registry import importer, importers, priorities
+from autopsy.importers._runs import concat_runs, mark_in_progress
 from autopsy.runinfo import Damage, RunInfo, attach_runs, catalog
 from autopsy.series import first_nonfinite_step
 
@@ -77,6 +78,7 @@ def load_run(files: Any, *, options: ReadOptions | None = None) -> Imported:
     frame = merge_sources(concat_frames(frames), priorities())
     frame.attrs.clear()
     check_run_checkpoints(info, first_nonfinite_step(frame))
+    mark_in_progress(info, frame)
     return Imported.one(frame, info)
 
 
@@ -95,8 +97,10 @@ def load(path: str | os.PathLike[str], *, engine: str = "auto") -> pd.DataFrame:
         from autopsy.importers.wandb_api import load_wandb_url
 
         return load_wandb_url(spec)
-    loaded = [load_run(r, options=options) for r in find_runs(path)]
-    out = concat_frames([attach_runs(g.frame, g.runs) for g in loaded])
+    try:
+        out = concat_runs([load_run(r, options=options) for r in find_runs(path)])
+    except MemoryError:
+        raise InputError(f"out of memory loading {path}: read fewer runs at a time") from None
     if out.empty and not any(i.damage or i.notes or i.crash for i in catalog(out).values()):
         raise InputError(f"no metrics found under {path}")
     return out

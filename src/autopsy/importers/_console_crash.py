@@ -86,8 +86,6 @@ OOM_SIZES = {
 }
 
 
-
-
 def _gib(m: re.Match[str]) -> float | None:
     n = m.group("n") if m.group("n") is not None else m.groupdict().get("n2")
     u = m.group("u") if m.group("u") is not None else m.groupdict().get("u2")

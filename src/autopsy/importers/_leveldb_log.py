@@ -2,7 +2,8 @@
 
 Layout (checked against files written by wandb 0.10.32 to 0.31 and the writer of those clients):
 
-* a 7-byte file header: ``b":W&B"``, the magic ``0xBEE1`` (uint16, little-endian), version ``0``;
+* a 7-byte file header: ``b":W&B"``, the magic ``0xBEE1`` (uint16, little-endian), version ``0`` (another
+  version byte is read as version 0, and said in :attr:`LogStream.notes`);
 * then 32 KiB blocks (the header counts towards the first one). Each chunk is a 7-byte header,
   ``crc32`` (uint32 LE), ``length`` (uint16 LE), ``type`` (uint8), and ``length`` bytes of data.
   Types: FULL=1, FIRST=2, MIDDLE=3, LAST=4; a record larger than a block is split in
@@ -47,6 +48,7 @@ class LogRead:
     skipped_bytes: int = 0
     padded_tail: int = 0  # zero bytes after the last record (a killed writer pads to its block end)
     version: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _crc_ok(crc: int, ctype: int, data: bytes) -> bool:
@@ -87,6 +89,10 @@ class LogStream:
         if magic != 0xBEE1:
             raise ValueError(f"W&B header has magic 0x{magic:04X}, expected 0xBEE1")
         self.version: int | None = version
+        # what the reader assumed: the owner of the run's RunInfo puts these into its notes
+        self.notes: list[str] = []
+        if version != 0:
+            self.notes.append(f"unknown W&B log version {version} (this reader knows 0): read as version 0")
         self._first: bytes | None = first
 
     def _block(self) -> bytes:
@@ -113,7 +119,8 @@ class LogStream:
         problems = self.problems
         pending: list[bytes] | None = None  # fragments of a record split over chunks
         pending_at = 0
-        zero_run = 0  # zero padding seen since the last record: the padded tail, if nothing follows it
+        self._zero_run = 0  # zero padding seen since the last record: the padded tail, if nothing follows it
+        self._stop = False
         start = 0  # file offset of this block
         pos = len(FILE_HEADER)  # offset inside this block
 
@@ -124,68 +131,16 @@ class LogStream:
                 pending = None
 
         while data:
-            n = len(data)  # < BLOCK_SIZE only in the last block
-            stop = False
-            while pos < n:
-                if BLOCK_SIZE - pos < CHUNK_HEADER:
-                    break  # block trailer: zero padding
-                if pos + CHUNK_HEADER > n:  # the last block ends inside a chunk header
-                    if data[pos:].strip(b"\x00"):
-                        problems.append(
-                            (start + pos, f"truncated chunk header ({n - pos} bytes at the end of the file)")
-                        )
-                        self.skipped_bytes += n - pos
-                        zero_run = 0
-                    else:
-                        zero_run += n - pos
-                    stop = True
-                    break
-                crc, length, ctype = _CHUNK.unpack_from(data, pos)
-                if ctype == 0 and length == 0 and crc == 0:
-                    # the rest of this block is padding; if everything after is zero, the file ends here
-                    if data[pos:].strip(b"\x00"):
-                        problems.append((start + pos, "non-zero bytes in a block's padding"))
-                        self.skipped_bytes += n - pos
-                        drop_pending("damaged block")
-                        zero_run = 0
-                    else:
-                        zero_run += n - pos
-                    break
-                zero_run = 0
-                end = pos + CHUNK_HEADER + length
-                if ctype not in (FULL, FIRST, MIDDLE, LAST) or end > BLOCK_SIZE:
-                    problem = (
-                        f"unknown chunk type {ctype}"
-                        if ctype not in (FULL, FIRST, MIDDLE, LAST)
-                        else f"chunk length {length} runs past its block"
-                    )
-                    if end > n and ctype in (FULL, FIRST, MIDDLE, LAST) and n < BLOCK_SIZE:
-                        problem = f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"
-                    problems.append((start + pos, problem))
-                    self.skipped_bytes += n - pos
-                    drop_pending("damaged block")
-                    break
-                if end > n:
-                    problems.append(
-                        (start + pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present")
-                    )
-                    self.skipped_bytes += n - pos
-                    drop_pending("truncated file")
-                    stop = True
-                    break
-                chunk = data[pos + CHUNK_HEADER : end]
-                if not _crc_ok(crc, ctype, chunk):
-                    problems.append((start + pos, "CRC mismatch"))
-                    self.skipped_bytes += n - pos
-                    drop_pending("CRC mismatch")
-                    break
-                if ctype == FULL:
+            for ctype, chunk, at in self._chunks(data, start, pos):
+                if ctype == 0:  # the block is damaged from here: a record being joined loses its end
+                    drop_pending(chunk.decode())
+                elif ctype == FULL:
                     drop_pending("a new record began")
                     self.n_records += 1
                     yield chunk
                 elif ctype == FIRST:
                     drop_pending("a new record began")
-                    pending, pending_at = [chunk], start + pos
+                    pending, pending_at = [chunk], at
                 elif pending is None:
                     # the continuation of a record whose start was in a skipped block: nothing to join it to
                     self.skipped_bytes += len(chunk)
@@ -197,20 +152,76 @@ class LogStream:
                     pending = None
                     self.n_records += 1
                     yield record
-                pos = end
-            if stop or n < BLOCK_SIZE:
+            if self._stop or len(data) < BLOCK_SIZE:  # only the last block is short
                 break
-            start += n
+            start += len(data)
             pos = 0
             data = self._block()
-        self.padded_tail += zero_run
+        self.padded_tail += self._zero_run
         drop_pending("end of file")
+
+    def _chunks(self, data: bytes, start: int, pos: int) -> Iterator[tuple[int, bytes, int]]:
+        """The good chunks of one block from ``pos``: (type, data, file offset). Type 0 says the block is damaged
+        from there (its data: why); ``self._stop`` is set where nothing can follow (the file ends)."""
+        n = len(data)
+        while pos < n:
+            if BLOCK_SIZE - pos < CHUNK_HEADER:
+                return  # block trailer: zero padding
+            if pos + CHUNK_HEADER > n:  # the last block ends inside a chunk header
+                if data[pos:].strip(b"\x00"):
+                    self.problems.append(
+                        (start + pos, f"truncated chunk header ({n - pos} bytes at the end of the file)")
+                    )
+                    self.skipped_bytes += n - pos
+                    self._zero_run = 0
+                else:
+                    self._zero_run += n - pos
+                self._stop = True
+                return
+            crc, length, ctype = _CHUNK.unpack_from(data, pos)
+            if ctype == 0 and length == 0 and crc == 0:
+                # the rest of this block is padding; if everything after is zero, the file ends here
+                if data[pos:].strip(b"\x00"):
+                    self.problems.append((start + pos, "non-zero bytes in a block's padding"))
+                    self.skipped_bytes += n - pos
+                    self._zero_run = 0
+                    yield 0, b"damaged block", start + pos
+                else:
+                    self._zero_run += n - pos
+                return
+            self._zero_run = 0
+            end = pos + CHUNK_HEADER + length
+            known = ctype in (FULL, FIRST, MIDDLE, LAST)
+            if not known or end > BLOCK_SIZE:
+                problem = f"chunk length {length} runs past its block" if known else f"unknown chunk type {ctype}"
+                if end > n and known and n < BLOCK_SIZE:
+                    problem = f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present"
+                self.problems.append((start + pos, problem))
+                self.skipped_bytes += n - pos
+                yield 0, b"damaged block", start + pos
+                return
+            if end > n:
+                self.problems.append(
+                    (start + pos, f"truncated record: {length} bytes announced, {n - pos - CHUNK_HEADER} present")
+                )
+                self.skipped_bytes += n - pos
+                self._stop = True
+                yield 0, b"truncated file", start + pos
+                return
+            chunk = data[pos + CHUNK_HEADER : end]
+            if not _crc_ok(crc, ctype, chunk):
+                self.problems.append((start + pos, "CRC mismatch"))
+                self.skipped_bytes += n - pos
+                yield 0, b"CRC mismatch", start + pos
+                return
+            yield ctype, chunk, start + pos
+            pos = end
 
 
 def read_log(data: bytes) -> LogRead:
     """Split a W&B record log held in memory into records. Raises ``ValueError`` when the file header is wrong."""
     stream = LogStream(data)
-    out = LogRead(version=stream.version)
+    out = LogRead(version=stream.version, notes=list(stream.notes))
     out.records = list(stream)
     out.problems, out.skipped_bytes, out.padded_tail = stream.problems, stream.skipped_bytes, stream.padded_tail
     return out

@@ -16,9 +16,9 @@ per record in Python:
   dozen lengths) and each group is done as a byte matrix, one table lookup per column; rare long
   records and small groups go to ``google_crc32c`` (C) one by one, or to byte tables without it.
 
-Damage (a record cut off by a crash, a flipped byte) never raises: :func:`scan` returns the intact
-records and a list of :class:`Problem` entries saying where the damage starts and what was kept.
-"""
+Damage (a record cut off by a crash, a flipped byte) never raises: :func:`scan` returns the intact records and
+a list of :class:`Problem` entries saying where the damage starts and what was kept (or that a window of a longer
+file ends inside a record: :attr:`Records.cut`, :attr:`Records.next`)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class Records:
     length: np.ndarray
     framed: int = 0  # records whose framing was read (intact or skipped for a bad data CRC)
     problems: list[Problem] = field(default_factory=list)
+    next: int = 0  # where the record after the framed ones starts (the end of ``buf`` when all was read)
+    cut: bool = False  # the last problem is only ``buf`` ending inside a record: a window of a longer file
 
 
 @lru_cache(maxsize=1)
@@ -94,10 +96,6 @@ def _view(b: np.ndarray, dtype: str) -> np.ndarray:
     """``b`` read as ``dtype`` at every byte offset (an unaligned strided view: index it with offsets)."""
     dt = np.dtype(dtype)
     return np.ndarray(shape=(max(len(b) - dt.itemsize + 1, 0),), dtype=dt, buffer=b, strides=(1,))
-
-
-def _u32_at(b: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    return _view(b, "<u4")[pos]
 
 
 def gather(b: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
@@ -201,7 +199,7 @@ def _crc_ranges(
         return out
     idx = np.concatenate(rest)
     if stored is not None:
-        stored[idx] = _u32_at(b, start[idx] + length[idx])
+        stored[idx] = _view(b, "<u4")[start[idx] + length[idx]]
     if available("google_crc32c"):
         import google_crc32c
 
@@ -399,7 +397,7 @@ def scan(buf: bytes) -> Records:
     if not len(starts):
         if n:
             problems.append(Problem(0, f"truncated record header ({n} bytes, need {HEADER})"))
-        return Records(buf, np.empty(0, np.int64), np.empty(0, np.int64), 0, problems)
+        return Records(buf, np.empty(0, np.int64), np.empty(0, np.int64), 0, problems, 0, bool(n))
     length = np.zeros(len(starts), dtype=np.int64)
     if checked:  # the chained records: each one's length is the gap to the next, less the framing
         nxt = np.append(starts[1:checked], starts[checked] if checked < len(starts) else end)
@@ -408,10 +406,11 @@ def scan(buf: bytes) -> Records:
     walked = np.flatnonzero(head_ok[checked:]) + checked
     length[walked] = _view(b, "<u8")[starts[walked]].astype(np.int64)
     keep = len(starts)
+    cut = False
     # 1. the length fields: the first bad one ends what can be framed (the chained ones were checked)
     len_ok = head_ok.copy()
     if len(walked):
-        len_ok[walked] = masked_crc(_length_crc(b, starts[walked])) == _u32_at(b, starts[walked] + 8)
+        len_ok[walked] = masked_crc(_length_crc(b, starts[walked])) == _view(b, "<u4")[starts[walked] + 8]
     if not len_ok.all():
         k = int(np.argmin(len_ok))
         problems.append(Problem(int(starts[k]), "length CRC mismatch: the framing after this offset cannot be trusted"))
@@ -423,23 +422,20 @@ def scan(buf: bytes) -> Records:
         need = HEADER + int(length[k]) + FOOTER
         if not problems:
             problems.append(Problem(int(starts[k]), f"truncated last record: {have} of {need} bytes written"))
+            cut = True
         keep = k
     elif keep == len(starts) and end < n and not problems:
         problems.append(Problem(int(end), f"truncated record header: {n - end} trailing bytes"))
+        cut = True
+    resume = n if not problems else (int(starts[keep]) if keep < len(starts) else int(end))
     starts, length = starts[:keep], length[:keep]
     data_start = starts + HEADER
     # 3. the data CRCs: a bad one costs only its own record
     stored = np.empty(len(data_start), dtype=np.uint32)
     data_ok = masked_crc(_crc_ranges(b, data_start, length, buf, stored)) == stored
     if not data_ok.all():
-        bad = np.flatnonzero(~data_ok)
-        problems.insert(
-            0,
-            Problem(
-                int(starts[bad[0]]),
-                f"data CRC mismatch in {len(bad)} record(s) (first at offset {int(starts[bad[0]])}): skipped",
-                records_lost=len(bad),
-            ),
-        )
+        bad, at = np.flatnonzero(~data_ok), int(starts[int(np.argmin(data_ok))])
+        what = f"data CRC mismatch in {len(bad)} record(s) (first at offset {at}): skipped"
+        problems.insert(0, Problem(at, what, records_lost=len(bad)))
         data_start, length = data_start[data_ok], length[data_ok]
-    return Records(buf, data_start, length, keep, problems)
+    return Records(buf, data_start, length, keep, problems, resume, cut)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from autopsy._optional import require
 from autopsy.frame import empty_frame, make_frame
-from autopsy.metrics import canonical_metric
+from autopsy.metrics import canonical_metric, media_leaves
 from autopsy.runinfo import RunInfo
 
 SOURCE = "wandb"
@@ -128,6 +128,10 @@ def history_frame(
     )
     if step_key != "_step":
         metric_sel &= ~np.isin(keys, STEP_KEYS)
+    media = media_leaves(pd.unique(keys[metric_sel]))
+    if media:
+        metric_sel &= ~np.isin(keys, list(media))
+        info.notes.append(f"{len(media)} W&B media/table field(s) (such as {sorted(media)[0]}) are not metrics")
     r = rows[metric_sel]
     raw = keys[metric_sel]
     uniq = pd.unique(raw)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopsy.frame import empty_frame, make_frame
+from autopsy.frame import empty_frame, make_frame, wall_seconds
 from autopsy.gpus import gpu_spec, infer_gpu, parse_nvidia_smi
 from autopsy.importers._wandb_history import parse_values
 from autopsy.runinfo import RunInfo
@@ -182,9 +182,7 @@ class SystemCollector:
         times = np.asarray(self.times, dtype=np.float64)
         _machine_from_samples(self.machine, names, codes, values, ok)
         _fill_config(info, self.machine)
-        steps = steps_at(
-            times, history["wall_time"].to_numpy(), history["step"].to_numpy(np.float64), start=start, end=end
-        )
+        steps = steps_at(times, wall_seconds(history), history["step"].to_numpy(np.float64), start=start, end=end)
         keep = ok & pd.notna(names)[codes] & np.isfinite(steps[record])
         if not keep.any():
             info.notes.append(

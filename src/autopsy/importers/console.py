@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from autopsy.errors import UnreadableError
 from autopsy.frame import concat_frames, empty_frame, make_frame
 from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._console_crash import find_crash
-from autopsy.importers._console_formats import ANSI, CONTROL, ConsoleParse, parse_console
+from autopsy.importers._console_formats import ConsoleParse, parse_console
+from autopsy.importers._console_tokens import ANSI, CONTROL
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Crash, Damage, LogStats, RunInfo
 
@@ -51,8 +53,10 @@ def claims(path: Path) -> int:
 
 
 def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
-    """A log standing alone is a run of its own: its root is the file itself."""
-    return {f: f for f in files}
+    """A log standing alone is a run of its own: the directory it is the only log of (its config.json beside it
+    joins that run), else, in a directory of several logs (a folder of pasted logs, a SLURM dir), the file itself."""
+    per_dir = Counter(f.parent for f in files)
+    return {f: f.parent if per_dir[f.parent] == 1 else f for f in files}
 
 
 MAX_BYTES = 1 << 30  # a console log over 1 GiB is read from its last GiB (the end is where crashes are)
@@ -222,7 +226,9 @@ def _infer_order(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
 
 
 # train metrics that are not the loss, when the log names its training objective "train_<something>"
-_NOT_A_LOSS = re.compile(r"acc|time|runtime|step|epoch|lr|rate|samples|tokens|speed|batch|size|memory|mem|norm")
+_NOT_A_LOSS = re.compile(
+    r"acc|time|runtime|step|epoch|lr|rate|samples|tokens|speed|batch|size|memory|mem|norm|scale|skip"
+)
 
 
 def _fallback_names(names: set[str]) -> dict[str, str]:
@@ -232,8 +238,11 @@ def _fallback_names(names: set[str]) -> dict[str, str]:
     if "train/loss" not in names:
         cand = next((c for c in _LOSS_FALLBACK if c in names), None)
         if cand is None:
-            objectives = sorted(n for n in names if n.startswith(("train_", "train/")) and "/" not in n[6:]
-                                and not _NOT_A_LOSS.search(n[6:]))
+            objectives = sorted(
+                n
+                for n in names
+                if n.startswith(("train_", "train/")) and "/" not in n[6:] and not _NOT_A_LOSS.search(n[6:])
+            )
             cand = objectives[0] if len(objectives) == 1 else None
         if cand is not None:
             out[cand] = "train/loss"
@@ -249,8 +258,10 @@ def _dedupe_stale_bars(p: ConsoleParse) -> int:
     """A progress bar re-printed with the same postfix (Lightning freezes it while validation runs) is one
     measurement, not a flat curve: consecutive bar records with identical values keep the first. Returns how many
     were dropped."""
-    keep = [not (k == "bar" and r > 0 and p.kind[r - 1] == "bar" and p.pairs[r] == p.pairs[r - 1])
-            for r, k in enumerate(p.kind)]
+    keep = [
+        not (k == "bar" and r > 0 and p.kind[r - 1] == "bar" and p.pairs[r] == p.pairs[r - 1])
+        for r, k in enumerate(p.kind)
+    ]
     dropped = keep.count(False)
     if dropped:
         for name in ("line", "step", "epoch", "counter", "kind", "pairs", "raw_keys", "keras_epoch"):
@@ -288,8 +299,9 @@ def _rows(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[
     rename = _fallback_names(set(rows["metric"]))
     if rename:
         rows["metric"] = [rename.get(m, m) for m in rows["metric"]]
-        info.notes.append(f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items())
-                          + " (the log has no plain one)")
+        info.notes.append(
+            f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items()) + " (the log has no plain one)"
+        )
     if p.overflow:  # fp16 loss-scale messages: each is a skipped step with the new scale
         bars = _training_bars(p)
         tq_lines = [ln for ln, _, _ in bars]
@@ -331,14 +343,23 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
     p = parse_console(text)
     stale = _dedupe_stale_bars(p)
     if stale:
-        info.notes.append(f"{file}: {stale} progress-bar line(s) re-printed the same values (a stale postfix): read once")
+        info.notes.append(
+            f"{file}: {stale} progress-bar line(s) re-printed the same values (a stale postfix): read once"
+        )
     _config_into_info(p, info)
     steps, how = _resolve_steps(p, info)
     rows = _rows(p, steps, info, file)
     frame = make_frame(run=run, source=SOURCE, **rows) if rows["metric"] else empty_frame()
     crash = _end_of_log(text, p, steps, info, file)
-    stats = LogStats(file=file, lines=p.n_lines, records=len(p.line), step_axis=how, printed_start=p.has_banner,
-                     overflow_messages=len(p.overflow), last_counter=p.last_counter)
+    stats = LogStats(
+        file=file,
+        lines=p.n_lines,
+        records=len(p.line),
+        step_axis=how,
+        printed_start=p.has_banner,
+        overflow_messages=len(p.overflow),
+        last_counter=p.last_counter,
+    )
     info.logs.append(stats)
     if p.line:
         info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
@@ -348,8 +369,10 @@ def parse_console_text(text: str, *, run: str = "console", file: str = "<text>")
         info.notes.append(f"{file}: no metric lines; the log ends in a crash ({crash['kind']})")
     elif not p.overflow:
         info.unread_logs.append(stats)
-        info.notes.append(f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
-                          "'key: value' / 'key=value' loggers, progress bars, loss-scale messages")
+        info.notes.append(
+            f"{file}: no metric line in a format autopsy reads ({p.n_lines} lines): HF Trainer dicts, "
+            "'key: value' / 'key=value' loggers, progress bars, loss-scale messages"
+        )
     return Imported.one(frame, info)
 
 

@@ -134,12 +134,16 @@ def find_runs(path: str | os.PathLike[str]) -> list[RunFiles]:
         for f, _ in mine:
             root = roots.get(f) or default_root(f, base)
             runs.setdefault(root, RunFiles(name="", root=root)).add(module.KIND, f)
+    structured = bool(runs)
     for module, f, strength in attaching:
         owner = next((runs[a] for a in [f.parent, *f.parent.parents] if a in runs), None)
         if owner is not None:
             owner.add(module.KIND, f)
-        elif module.ATTACH == "nearest" and (strength >= 2 or not runs):
-            runs.setdefault(f.parent, RunFiles(name="", root=f.parent)).add(module.KIND, f)
+        elif module.ATTACH == "nearest" and (strength >= 2 or not structured):
+            # alone, a log is a run of its own (its importer's root: the file), never merged with its neighbours
+            roots = module.run_roots([f], base) if hasattr(module, "run_roots") else {}
+            root = roots.get(f) or f.parent
+            runs.setdefault(root, RunFiles(name="", root=root)).add(module.KIND, f)
     for f in files:  # checkpoint dirs count as restart points, weights only or not
         step = checkpoint_step(f.parent.name)
         if step is not None and f.parent.parent in runs:
@@ -164,10 +168,13 @@ def _name_for_file(p: Path, kind: str) -> str:
     return p.stem
 
 
+_TEXT_SUFFIXES = {".log", ".out", ".err", ".txt", ".json"}  # a file run is named without these
+
+
 def _name_runs(runs: list[RunFiles], base: Path) -> None:
     """Short unique names: the directory name, else the path relative to the analysed one."""
     for r in runs:
-        r.name = r.root.name or base.resolve().name
+        r.name = (r.root.stem if r.root.suffix.lower() in _TEXT_SUFFIXES else r.root.name) or base.resolve().name
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.name] = counts.get(r.name, 0) + 1

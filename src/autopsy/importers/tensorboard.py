@@ -19,24 +19,19 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from autopsy._optional import require
 from autopsy.checkpoints import checkpoint_step
-from autopsy.errors import UsageError
 from autopsy.frame import make_frame
-from autopsy.importers._base import ENGINES, Imported, ReadOptions
-from autopsy.importers._tb_fast import decode_fast
+from autopsy.importers._base import Imported, ReadOptions
+from autopsy.importers._tb_events import EventFile, read_event_file
 from autopsy.importers.run_config import model_summary
 from autopsy.metrics import canonical_metric
-from autopsy.runinfo import Damage, RunInfo
+from autopsy.runinfo import RunInfo
 
 __all__ = ["KIND", "PRIORITY", "claims", "read", "read_event_file", "run_roots"]
 
@@ -54,257 +49,6 @@ _SUMMARY_TAGS = {
 _ARGS_TAGS = ("args/text_summary", "args")
 _MODEL_TAGS = ("model_config/text_summary", "model_config")
 _NAME = re.compile(r"tfevents\.(?P<ts>\d+)(?:\.(?P<rest>.*?))?(?:\.(?P<idx>\d+))?(?:\.v2)?$")
-
-
-@dataclass
-class EventFile:
-    """What one event file holds: scalar rows in write order, texts, hparams, damage, notes."""
-
-    path: Path
-    tag_code: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # index into tag_names
-    tag_names: list[str] = field(default_factory=list)  # distinct
-    step: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    value: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
-    wall_time: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
-    texts: dict[str, str] = field(default_factory=dict)
-    hparams: dict[str, Any] = field(default_factory=dict)
-    records: int = 0
-    skipped: Counter = field(default_factory=Counter)  # value kinds not read (histograms, images, ...)
-    damage: list[Damage] = field(default_factory=list)
-
-    @property
-    def tag(self) -> np.ndarray:
-        """The tag of each row (object array of str)."""
-        names = np.array(list(self.tag_names) + [""], dtype=object)[:-1]
-        return names[self.tag_code] if len(self.tag_code) else np.empty(0, dtype=object)
-
-    def set_tags(self, tags: Any) -> None:
-        """Set the rows' tags from a sequence of str."""
-        codes, uniq = pd.factorize(np.asarray(tags, dtype=object)) if len(tags) else (np.empty(0, np.int64), [])
-        self.tag_code = np.asarray(codes, dtype=np.int64)
-        self.tag_names = [str(u) for u in uniq]
-
-
-_DT = {
-    1: "<f4",
-    2: "<f8",
-    3: "<i4",
-    4: "u1",
-    5: "<i2",
-    6: "i1",
-    9: "<i8",
-    10: "?",
-    14: "bf16",
-    17: "<u2",
-    19: "<f2",
-    22: "<u4",
-    23: "<u8",
-}
-
-
-def _tensor_scalar(t: Any) -> float | None:
-    """The value of a one-element numeric TensorProto, or None."""
-    size = 1
-    for dim in t.tensor_shape.dim:
-        size *= dim.size
-    if size != 1 or t.dtype not in _DT:
-        return None
-    code = _DT[t.dtype]
-    if t.tensor_content:
-        raw = bytes(t.tensor_content)
-        if code == "bf16":
-            return float(np.frombuffer(raw[:2], dtype="<u2").astype(np.uint32).__lshift__(16).view(np.float32)[0])
-        arr = np.frombuffer(raw, dtype=code)
-        return float(arr[0]) if arr.size == 1 else None
-    if t.dtype in (19, 14):  # half / bfloat16: the bits in half_val
-        if not len(t.half_val):
-            return None
-        bits = int(t.half_val[0]) & 0xFFFF
-        if t.dtype == 19:
-            return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
-        return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
-    for name in ("float_val", "double_val", "int_val", "int64_val", "bool_val", "uint32_val", "uint64_val"):
-        vals = getattr(t, name)
-        if len(vals):
-            return float(vals[0])
-    return None
-
-
-def _hparams(content: bytes) -> dict[str, Any]:
-    """The hyperparameters of an ``_hparams_/session_start_info`` (HF's old add_hparams)."""
-    try:
-        from tensorboard.plugins.hparams import plugin_data_pb2
-
-        data = plugin_data_pb2.HParamsPluginData.FromString(content)
-    except Exception:
-        return {}
-    if not data.HasField("session_start_info"):
-        return {}
-    out: dict[str, Any] = {}
-    for key, v in data.session_start_info.hparams.items():
-        kind = v.WhichOneof("kind")
-        if kind == "number_value":
-            num = v.number_value
-            out[key] = int(num) if num.is_integer() else num
-        elif kind == "string_value":
-            out[key] = None if v.string_value == "None" else v.string_value
-        elif kind == "bool_value":
-            out[key] = v.bool_value
-    return out
-
-
-def _decode_protobuf(
-    ef: EventFile, buf: bytes, data_start: np.ndarray, length: np.ndarray, records: np.ndarray
-) -> dict[str, list]:
-    """Decode the records the fast path left with tensorboard's protobuf."""
-    event_pb2 = require("tensorboard.compat.proto.event_pb2", purpose="read TensorBoard event files")
-    parse = event_pb2.Event.FromString
-    cols: dict[str, list] = {"record": [], "tag": [], "step": [], "value": [], "wall_time": []}
-    for i in records.tolist():
-        s = int(data_start[i])
-        try:
-            event = parse(buf[s : s + int(length[i])])
-        except Exception:
-            ef.skipped["undecodable event"] += 1
-            continue
-        if not event.HasField("summary"):
-            continue  # file_version, session_log, graph, ...
-        for v in event.summary.value:
-            kind = v.WhichOneof("value")
-            plugin = v.metadata.plugin_data.plugin_name
-            number: float | None = None
-            if kind == "simple_value":
-                number = v.simple_value
-            elif kind == "tensor" and (plugin == "text" or v.tensor.dtype == 7):
-                if v.tensor.string_val:
-                    ef.texts[v.tag] = bytes(v.tensor.string_val[0]).decode("utf-8", errors="replace")
-                continue
-            elif kind == "tensor":
-                number = _tensor_scalar(v.tensor)
-            elif plugin == "hparams":
-                if v.tag.endswith("session_start_info"):
-                    ef.hparams.update(_hparams(bytes(v.metadata.plugin_data.content)))
-                continue
-            if number is None:
-                ef.skipped[plugin or kind or "empty value"] += 1
-                continue
-            cols["record"].append(i)
-            cols["tag"].append(v.tag)
-            cols["step"].append(event.step)
-            cols["value"].append(number)
-            cols["wall_time"].append(event.wall_time)
-    return cols
-
-
-def _damage(path: Path, problems: list, kept: int) -> list[Damage]:
-    """The framing problems of one file as :class:`Damage` entries."""
-    out = []
-    for p in problems:
-        if p.records_lost is not None:
-            salvaged = f"{kept} intact record(s); {p.records_lost} skipped"
-        else:
-            salvaged = f"{kept} record(s) before offset {p.offset}" if kept else "nothing"
-        out.append(Damage(file=str(path), offset=p.offset, problem=p.problem, salvaged=salvaged))
-    return out
-
-
-def _read_fast(path: Path, buf: bytes) -> EventFile:
-    from autopsy.importers._tfrecord import scan
-
-    ef = EventFile(path=path)
-    rec = scan(buf)
-    ef.records = len(rec.data_start)
-    ef.damage = _damage(path, rec.problems, ef.records)
-    if not ef.records:
-        return ef
-    fast, rest = decode_fast(buf, rec.data_start, rec.length)
-    slow = _decode_protobuf(ef, buf, rec.data_start, rec.length, rest) if len(rest) else None
-    names = fast["names"]
-    code = fast["code"]
-    if len(set(names)) < len(names):  # two byte strings decoded to one str (invalid UTF-8 replaced)
-        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
-        names, code = [str(u) for u in uniq], remap.reshape(-1)[code]
-    if slow and slow["record"]:
-        index = {name: i for i, name in enumerate(names)}
-        names = list(names)
-        slow_code = np.fromiter(
-            (index.setdefault(t, len(index)) for t in slow["tag"]), dtype=np.int64, count=len(slow["tag"])
-        )
-        names.extend(list(index)[len(names) :])
-        record = np.concatenate([fast["record"], np.asarray(slow["record"], dtype=np.int64)])
-        order = np.argsort(record, kind="stable")  # write order; values of one event stay in order
-        ef.tag_code = np.concatenate([code, slow_code])[order]
-        ef.step = np.concatenate([fast["step"], np.asarray(slow["step"], dtype=np.int64)])[order]
-        ef.value = np.concatenate([fast["value"], np.asarray(slow["value"], dtype=np.float64)])[order]
-        ef.wall_time = np.concatenate([fast["wall_time"], np.asarray(slow["wall_time"], dtype=np.float64)])[order]
-    else:
-        ef.tag_code, ef.step, ef.value, ef.wall_time = code, fast["step"], fast["value"], fast["wall_time"]
-    ef.tag_names = list(names)
-    return ef
-
-
-# --- the tbparse engine -----------------------------------------------------------------------------
-
-
-def _read_tbparse(path: Path, buf: bytes) -> EventFile:
-    from autopsy.importers._tfrecord import scan
-
-    tbparse = require("tbparse", purpose="read TensorBoard files with engine='tbparse'")
-    ef = EventFile(path=path)
-    rec = scan(buf)  # tbparse does not say what it could not read: the framing scan does
-    ef.records = len(rec.data_start)
-    ef.damage = _damage(path, rec.problems, ef.records)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tbparse raises pandas deprecation warnings (Pandas4Warning)
-        reader = tbparse.SummaryReader(str(path), pivot=False, extra_columns={"wall_time"})
-        scalars = reader.scalars
-        try:
-            tensors = reader.tensors
-        except AttributeError as exc:  # tbparse 0.0.9 + tensorboard 2.21: no dtypes.int4 for int tensors
-            tensors = pd.DataFrame()
-            ef.skipped[f"scalar tensors tbparse cannot decode ({exc})"] += 1
-        text = reader.text
-    parts = []
-    if len(scalars):
-        parts.append(scalars[["step", "tag", "value", "wall_time"]])
-    if len(tensors):
-        t = tensors[["step", "tag", "value", "wall_time"]].copy()
-        is_scalar = t["value"].map(lambda v: np.size(v) == 1 and np.asarray(v).dtype.kind in "fiub")
-        t = t[is_scalar]
-        t["value"] = t["value"].map(lambda v: float(np.asarray(v).reshape(-1)[0]))
-        parts.append(t)
-    if parts:
-        df = pd.concat(parts, ignore_index=True).sort_values(["wall_time"], kind="stable")
-        ef.set_tags(df["tag"].astype(str).to_numpy(dtype=object))
-        ef.step = df["step"].to_numpy(dtype=np.int64)
-        ef.value = df["value"].to_numpy(dtype=np.float64)
-        ef.wall_time = df["wall_time"].to_numpy(dtype=np.float64)
-    for tag, value in zip(text.get("tag", []), text.get("value", [])):
-        ef.texts[str(tag)] = str(value)
-    return ef
-
-
-# --- one file, one run ----------------------------------------------------------------------------------
-
-
-def read_event_file(path: str | Path, *, engine: str = "auto") -> EventFile:
-    """Read one event file; damage and unreadable files are reported in ``.damage``, never raised."""
-    if engine not in ENGINES:
-        raise UsageError(f"unknown TensorBoard engine {engine!r}: use one of {', '.join(ENGINES)}")
-    path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as exc:
-        ef = EventFile(path=path)
-        ef.damage.append(
-            Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
-        )
-        return ef
-    if not buf:
-        ef = EventFile(path=path)
-        ef.damage.append(Damage(file=str(path), offset=0, problem="empty file (0 bytes)", salvaged="nothing"))
-        return ef
-    return _read_tbparse(path, buf) if engine == "tbparse" else _read_fast(path, buf)
 
 
 def _write_order(path: Path) -> tuple[int, int, str]:
@@ -375,12 +119,18 @@ def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
       ``logging_dir`` names such as ``runs/run0..4``); the files of one dir are one run, read in
       write order (a resumed or restarted writer);
     - a ``checkpoint-N/`` dir belongs to the output dir above it;
+    - Keras' ``<log_dir>/train/`` and ``<log_dir>/validation/`` (``.v2`` files, a ``.profile-empty`` one) are
+      one run, ``<log_dir>``;
     - any other dir (a flat ``logs/`` shared by several launches): one file, one run, unless the
       dir holds a single event file.
     """
 
+    dirs = {f.parent for f in files}
+
     def own_dir(f: Path) -> Path:
         d = f.parent
+        if _keras_side(d, dirs) is not None and d.parent != base.parent:
+            return d.parent  # Keras' TensorBoard callback: <log_dir>/train and <log_dir>/validation are one run
         return d.parent if _HPARAMS_DIR.match(d.name) and d != base else d
 
     by_dir: dict[Path, list[Path]] = {}
@@ -403,12 +153,67 @@ def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
         else:
             out.update({f: d for f in group})
     # an hparams subdir file whose dir was split per file joins the first file of that dir
+    roots = set(out.values())  # a set: this loop stays linear in the number of files
     for f, root in list(out.items()):
-        if root == own_dir(f) and f.parent != root and root not in out.values():
+        if root == own_dir(f) and f.parent != root and root not in roots:
             siblings = sorted(g for g in by_dir[root] if g.parent == root)
             if siblings:
                 out[f] = out[siblings[0]]
     return out
+
+
+def _keras_side(d: Path, dirs: set[Path] | None = None) -> str | None:
+    """``"train"`` or ``"validation"`` for a dir of Keras' layout (both sides hold event files), else None."""
+    if d.name not in _KERAS_SIDES:
+        return None
+    other = d.parent / ("validation" if d.name == "train" else "train")
+    if dirs is not None:
+        return d.name if other in dirs else None
+    try:
+        return d.name if any("tfevents" in p.name for p in other.iterdir()) else None
+    except OSError:
+        return None
+
+
+def _tag_names(path: Path, ef: EventFile) -> tuple[list[str], dict[str, str]]:
+    """The rows' raw names of one file and the canonical name of those that are not named by their tag alone:
+    Keras' ``epoch_<m>`` is ``train/<m>`` in ``train/`` and ``eval/<m>`` in ``validation/``, where its raw name
+    says the side (``validation/epoch_loss``)."""
+    side = _keras_side(path.parent)
+    if side is None:
+        return ef.tag_names, {}
+    prefix = "validation/" if side == "validation" else ""
+    names = [prefix + t for t in ef.tag_names]
+    canon = {}
+    for raw, tag in zip(names, ef.tag_names):
+        if tag.startswith("epoch_") and len(tag) > 6:
+            canon[raw] = canonical_metric(("eval_" if prefix else "") + tag[6:], hf_flat=True)
+    return names, canon
+
+
+def _end_of_run(info: RunInfo, tags: list[str], code: np.ndarray, value: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """The summary entries into ``info.summary``; returns which rows are series. HF logs ``train/train_loss`` and
+    ``train/total_flos`` once, when train() returns: that is the final record. ``train/train_runtime`` alone proves
+    nothing (with ``include_num_input_tokens_seen=True`` HF logs it with every train log)."""
+    is_summary = np.array([t in _SUMMARY_TAGS for t in tags] + [False], dtype=bool)[:-1]
+    if not len(code) or not is_summary.any():
+        return np.ones(len(code), dtype=bool)
+    summary = is_summary[code]
+    final = np.array([_SUMMARY_TAGS.get(t) in ("train_loss", "total_flos") for t in tags] + [False], dtype=bool)[:-1]
+    last_final = np.flatnonzero(final[code])
+    if len(last_final):
+        at = int(step[last_final[-1]])
+        for c, v, s in zip(code[summary].tolist(), value[summary].tolist(), step[summary].tolist()):
+            if s == at:
+                info.summary[_SUMMARY_TAGS[tags[c]]] = v  # the last one written wins
+        info.finished = True
+        planned = info.config.get("max_steps")
+        if isinstance(planned, int) and not isinstance(planned, bool) and 0 < at < planned:
+            info.notes.append(f"tensorboard: train() returned at step {at} of max_steps {planned}")
+    return ~summary
+
+
+_KERAS_SIDES = ("train", "validation")
 
 
 def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> Imported:
@@ -416,12 +221,13 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     info = RunInfo(name=run, sources=[SOURCE])
     codes, steps, values, walls = [], [], [], []
     names: dict[str, int] = {}  # every tag of the run -> its code
+    canonical: dict[str, str] = {}  # raw names whose canonical name is not canonical_metric(raw)
     hf_args = False
     for path in sorted((Path(p) for p in paths), key=_write_order):
         ef = read_event_file(path, engine=(options or ReadOptions()).engine)
         info.files.append(str(path))
         info.damage.extend(ef.damage)
-        if not ef.damage and ef.records <= 1 and not len(ef.tag_code):
+        if not ef.damage and ef.records <= 1 and not len(ef.tag_code) and not path.name.endswith(".profile-empty"):
             info.notes.append(f"{path}: header only: the writer was opened but logged nothing")
         elif not len(ef.tag_code) and not ef.damage and (ef.texts or ef.hparams):
             info.notes.append(f"{path}: no scalars (only {', '.join(sorted(ef.texts) or ['hparams'])})")
@@ -429,7 +235,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(ef.skipped.items()))
             info.notes.append(f"{path}: values not read as scalars: {kinds}")
         hf_args |= _apply_texts(info, ef)
-        remap = np.array([names.setdefault(t, len(names)) for t in ef.tag_names] + [0], dtype=np.int64)[:-1]
+        tag_names, canon = _tag_names(path, ef)
+        canonical.update(canon)
+        remap = np.array([names.setdefault(t, len(names)) for t in tag_names] + [0], dtype=np.int64)[:-1]
         codes.append(remap[ef.tag_code] if len(ef.tag_code) else np.empty(0, dtype=np.int64))
         steps.append(ef.step)
         values.append(ef.value)
@@ -439,20 +247,15 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     value = np.concatenate(values) if values else np.empty(0, dtype=np.float64)
     wall = np.concatenate(walls) if walls else np.empty(0, dtype=np.float64)
     tags = list(names)
-    is_summary = np.array([t in _SUMMARY_TAGS for t in tags] + [False], dtype=bool)[:-1]
-    if len(code) and is_summary.any():
-        summary = is_summary[code]
-        if summary.any():
-            for c, v in zip(code[summary].tolist(), value[summary].tolist()):
-                info.summary[_SUMMARY_TAGS[tags[c]]] = v  # the last one written wins
-            keep = ~summary
-            code, step, value, wall = code[keep], step[keep], value[keep], wall[keep]
+    keep = _end_of_run(info, tags, code, value, step)
+    if not keep.all():
+        code, step, value, wall = code[keep], step[keep], value[keep], wall[keep]
     if len(code):
         new = _first_seen(code, len(tags))  # categories in order of first appearance, none unused
         raw_names = [t for t, c in sorted(((t, int(c)) for t, c in zip(tags, new) if c >= 0), key=lambda x: x[1])]
         code = new[code]
         metric_codes, metric_names = pd.factorize(
-            np.array([canonical_metric(t) for t in raw_names] + [""], dtype=object)[:-1]
+            np.array([canonical.get(t) or canonical_metric(t) for t in raw_names] + [""], dtype=object)[:-1]
         )
         metric = pd.Categorical.from_codes(
             np.asarray(metric_codes, dtype=np.int64)[code], categories=_text_index([str(m) for m in metric_names])
@@ -463,8 +266,6 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, wall_time=wall, raw_metric=raw)
     if len(frame):
         info.global_step = int(frame.loc[~frame["superseded"], "step"].max())
-    if "train_runtime" in info.summary:
-        info.finished = True
-    elif hf_args and len(frame):
-        info.finished = False  # HF's callback logs train_runtime when train() returns
+    if info.finished is None and hf_args and len(frame):
+        info.finished = False  # HF's callback logs train_loss and total_flos when train() returns
     return Imported.one(frame, info)

@@ -1,20 +1,25 @@
 """HF Trainer's ``trainer_state.json``: the root file and every ``checkpoint-*/trainer_state.json``.
 
-HF writes bare ``NaN``/``Infinity`` tokens (Python's json reads them). ``log_history`` entries hold
-train entries (``loss``, ``grad_norm``, ``learning_rate``, ``epoch``), eval entries (``eval_loss``,
-``eval_<set>_loss``, ...), TRL metrics (``rewards/chosen``, ``logps/rejected``, ``kl``, ...) and a
-final summary entry (``train_runtime``, ``train_loss``, ...), which goes into the run's summary,
-not its series. A later checkpoint's history supersedes an earlier one's at the same step.
+HF writes bare ``NaN``/``Infinity`` tokens (Python's json reads them); some loggers write them as strings
+(``"NaN"``, ``"nan"``, ``"inf"``, ``"-Infinity"``): those are the same numbers. ``log_history`` holds train
+entries (``loss``, ``grad_norm``, ``learning_rate``, ``epoch``), eval entries (``eval_loss``, ``eval_<set>_loss``,
+...), TRL metrics (``rewards/chosen``, ``logps/rejected``, ``kl``, ...) and the final summary entry
+(``train_loss``, ``total_flos``, ``train_runtime``, ...), which goes into the run's summary, not its series. A
+later checkpoint's history supersedes an earlier one's at the same step; what was superseded is said in a note.
 
-A file cut off mid-write is salvaged: every complete ``log_history`` entry before the cut is read,
-and the damage is reported.
+The file is streamed (:mod:`autopsy.importers._trainer_json`): memory holds a window of text and the long rows
+read so far, never the whole file's Python objects. A file cut off mid-write, or holding a value nested too
+deeply to be a log entry, is salvaged: every entry before the damage (and after a skipped value) is read, and
+the damage is reported.
+
+End of run (:func:`_end_of_run`): the final summary is a summary entry at the END of log_history (no train log
+after it: with ``include_num_input_tokens_seen=True`` HF writes ``train_runtime`` into every train log, which
+proves nothing), checked against ``global_step`` and ``max_steps``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,63 +30,39 @@ from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import UnreadableError
 from autopsy.frame import make_frame
 from autopsy.importers._base import Imported, ReadOptions
+from autopsy.importers._trainer_history import SUMMARY_KEYS, StateFile
+from autopsy.importers._trainer_json import NAN, read_stream
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Damage, RunInfo
 
-__all__ = ["KIND", "PRIORITY", "claims", "parse_trainer_state", "read"]
+__all__ = ["KIND", "PRIORITY", "StateFile", "claims", "read", "read_file"]
 
 KIND = SOURCE = "trainer_state"
 PRIORITY = 2  # one row per logging_steps: after the loggers that see every step
 MAX_BYTES = 2 << 30  # a trainer_state.json larger than 2 GiB is not an HF file
-# keys of the final summary entry (Trainer.train's last log): run totals, not series
-_SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
-_NON_METRIC_KEYS = {"step", "epoch_float"}
-_MAX_STEP = 2**53  # steps are counted in int64 but compared as floats: larger ones are not exact
 
 
 def claims(path: Path) -> int:
-    """HF Trainer writes ``trainer_state.json`` into its output dir and every ``checkpoint-N/``."""
-    return 2 if path.name == "trainer_state.json" else 0
+    """HF Trainer writes ``trainer_state.json`` into its output dir and every ``checkpoint-N/``; a copy renamed
+    (``run7_state.json``) is known by its content: a JSON object whose first 4 KiB name ``log_history`` (HF writes
+    the keys sorted: it comes within the first dozen)."""
+    if path.name == "trainer_state.json":
+        return 2
+    if path.suffix.lower() != ".json":
+        return 0
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return 0
+    body = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    return 2 if body[:1] == b"{" and b'"log_history"' in head else 0
 
 
-_NAN = "\x00NaN"  # sentinel for a NaN written in the file (a missing key is absent instead)
-
-
-def _constant(name: str) -> Any:
-    return _NAN if name == "NaN" else float(name)
-
-
-def _salvage(text: str) -> tuple[dict[str, Any], int]:
-    """Read the complete ``log_history`` entries of a cut-off file. Returns (state, offset of damage)."""
-    decoder = json.JSONDecoder(parse_constant=_constant)
-    state: dict[str, Any] = {}
-    # top-level scalar fields written before log_history (HF writes keys in a fixed order)
-    for m in re.finditer(
-        r'"(\w+)"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null|true|false|"[^"\n]*")\s*[,}\n]', text[:4096]
-    ):
-        try:
-            state.setdefault(m.group(1), json.loads(m.group(2)))
-        except ValueError:
-            pass
-    found = re.search(r'"log_history"\s*:\s*\[', text)
-    if not found:
-        return state, 0
-    pos = found.end()
-    history: list[Any] = []
-    n = len(text)
-    while pos < n:
-        while pos < n and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= n or text[pos] == "]":
-            break
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except ValueError:
-            break
-        history.append(obj)
-        pos = end
-    state["log_history"] = history
-    return state, pos
+def run_roots(files: list[Path], base: Path) -> dict[Path, Path]:
+    """A ``trainer_state.json`` belongs to the run of its directory (the output dir above a ``checkpoint-N/``: the
+    discovery default); a renamed copy stands alone, a run of its own, like a console log."""
+    return {f: f for f in files if f.name != "trainer_state.json"}
 
 
 def _sniff(path: Path, head: int = 4096) -> None:
@@ -98,112 +79,102 @@ def _sniff(path: Path, head: int = 4096) -> None:
         raise UnreadableError(f"{path}: not a JSON object (starts with {what})")
 
 
-def parse_trainer_state(data: bytes, *, file: str = "trainer_state.json") -> tuple[dict[str, Any], Damage | None]:
-    """Parse the bytes of a trainer_state.json; salvage what precedes any damage."""
-    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+def read_file(path: Path) -> StateFile:
+    """Stream one trainer_state.json. Raises :class:`UnreadableError` when nothing of it can be read."""
+    sf = StateFile(path=path)
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise UnreadableError(f"{path}: {size} bytes is too large for a trainer_state.json")
+    _sniff(path)
     try:
-        state = json.loads(text, parse_constant=_constant)
-    except RecursionError:
-        raise UnreadableError(f"{file}: JSON nested too deeply to be a trainer_state.json") from None
-    except ValueError as err:
-        exc = err if isinstance(err, json.JSONDecodeError) else json.JSONDecodeError(str(err), text, 0)
-        try:
-            state, offset = _salvage(text)
-        except RecursionError:
-            raise UnreadableError(f"{file}: JSON nested too deeply to be a trainer_state.json") from None
-        if not state.get("log_history"):
-            raise UnreadableError(
-                f"{file}: not valid JSON ({exc.msg} at offset {exc.pos}) and no log entry could be salvaged"
-            ) from None
-        entries = len(state["log_history"])
-        return state, Damage(
-            file=file,
-            offset=offset,
-            problem=f"invalid JSON ({exc.msg}) at offset {exc.pos}",
-            salvaged=f"{entries} log_history entries before the damage",
+        with path.open("rb") as fh:
+            got = read_stream(fh, sf.add)
+    except MemoryError:
+        raise UnreadableError(f"{path}: out of memory reading {size} bytes") from None
+    sf.state, sf.history = got.state, got.history
+    read = f"{sf.entries + sf.non_dict} log_history entries"
+    if got.stop is not None:
+        if not sf.entries:
+            raise UnreadableError(f"{path}: {got.stop.problem} at offset {got.stop.offset}; no log entry could be read")
+        sf.damage = Damage(
+            file=str(path), offset=got.stop.offset, problem=got.stop.problem, salvaged=f"{read} before the damage"
         )
-    if not isinstance(state, dict):
-        raise UnreadableError(f"{file}: expected a JSON object, found {type(state).__name__}")
-    return state, None
+    elif got.skipped:
+        first = got.skipped[0]
+        sf.damage = Damage(
+            file=str(path),
+            offset=first.offset,
+            problem=f"{len(got.skipped)} value(s) nested too deeply to read: skipped",
+            salvaged=f"{read} around it",
+        )
+    return sf
 
 
-def _history_frame(history: list[Any], run: str, rank: int) -> tuple[pd.DataFrame, dict[str, Any], int, int]:
-    """Long rows (raw, step, value, order, rank) of one log_history.
-
-    Returns (rows, summary, entries without a step, entries dropped for an invalid step).
-
-    Vectorised per column: a key missing from an entry is absent, a ``NaN`` written by HF is kept
-    (the parser turns it into the :data:`_NAN` sentinel so the two can be told apart).
-    """
-    entries = [e for e in history if isinstance(e, dict)]
-    empty = pd.DataFrame({"raw": [], "step": [], "value": [], "order": [], "rank": []})
-    if not entries:
-        return empty, {}, 0, 0
-    wide = pd.DataFrame.from_records(entries)
-    summary: dict[str, Any] = {}
-    # the final summary entry has train_runtime: its values are the run's summary, not series
-    if "train_runtime" in wide.columns:
-        last = wide[wide["train_runtime"].notna()].tail(1)
-        for key in _SUMMARY_KEYS:
-            if key in last.columns and last[key].notna().any():
-                summary[key] = _as_number(last[key].iloc[0])
-        wide = wide.drop(columns=[c for c in _SUMMARY_KEYS if c in wide.columns])
-    # entries without a step take the previous entry's step (HF always writes one; hand-made files may not)
-    step = (
-        pd.to_numeric(wide["step"], errors="coerce") if "step" in wide.columns else pd.Series(np.nan, index=wide.index)
+def _note_superseded(info: RunInfo, frame: pd.DataFrame) -> None:
+    """Say which rows a later row of the same metric rewrote (a resumed run, a repeated entry)."""
+    sup = frame["superseded"].to_numpy(dtype=bool)
+    if not sup.any():
+        return
+    steps = frame["step"].to_numpy()[sup]
+    metrics = sorted({str(m) for m in frame["metric"][sup]})
+    shown = ", ".join(metrics[:4]) + (f" and {len(metrics) - 4} more" if len(metrics) > 4 else "")
+    info.notes.append(
+        f"trainer_state: {int(sup.sum())} rows at steps {int(steps.min())}-{int(steps.max())} ({shown}) were logged "
+        "again later (a resumed run or a repeated entry): the later values are used; the earlier ones are kept, "
+        "flagged superseded"
     )
-    step = step.where(np.isfinite(step.to_numpy(dtype=float)))
-    # a step that is not a whole number in [0, 2**53) is not a global step: drop the entry (a single
-    # negative step would otherwise read as a resume that supersedes the whole history before it)
-    sv = step.to_numpy(dtype=float)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isnan(sv) & ((sv < 0) | (sv >= _MAX_STEP) | (sv != np.floor(sv)))
-    invalid = int(bad.sum())
-    if invalid:
-        wide, step = wide[~bad], step[~bad]
-    missing = int(step.isna().sum())
-    step = step.ffill().fillna(0).astype(np.int64).to_numpy()
-    order = np.arange(len(wide))
-    raws, steps, values, orders = [], [], [], []
-    for col in wide.columns:
-        if col == "step" or col in _NON_METRIC_KEYS:
-            continue
-        data = wide[col]
-        if data.dtype == bool:
-            continue
-        if not pd.api.types.is_numeric_dtype(data.dtype):  # object, or pandas 3 string columns
-            is_nan = (data == _NAN).to_numpy(dtype=bool)
-            is_bool = data.map(type).isin((bool,)).to_numpy()
-            num = pd.to_numeric(data.where(~is_nan & ~is_bool), errors="coerce").to_numpy(dtype=np.float64)
-            keep = (~np.isnan(num)) | is_nan
-            num = np.where(is_nan, np.nan, num)
-        else:
-            num = data.to_numpy(dtype=np.float64)
-            keep = ~np.isnan(num)
-        if not keep.any():
-            continue
-        raws.append(np.full(int(keep.sum()), str(col), dtype=object))
-        steps.append(step[keep])
-        values.append(num[keep])
-        orders.append(order[keep])
-    if not raws:
-        return empty, summary, missing, invalid
-    long = pd.DataFrame(
-        {
-            "raw": np.concatenate(raws),
-            "step": np.concatenate(steps),
-            "value": np.concatenate(values),
-            "order": np.concatenate(orders),
-        }
-    )
-    long["rank"] = rank
-    return long, summary, missing, invalid
 
 
-def _as_number(x: Any) -> Any:
-    if isinstance(x, str) and x == _NAN:
-        return float("nan")
-    return x.item() if hasattr(x, "item") else x
+def _dedupe(rank: np.ndarray, code: np.ndarray, step: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows kept when several files log the same (metric, step): the highest-ranked file's. Returns (keep mask,
+    number of dropped rows whose value differs from the kept one: history a later file rewrote)."""
+    order = np.lexsort((np.arange(len(rank)), rank, step, code))
+    c, s, r, v = code[order], step[order], rank[order], value[order]
+    new = np.ones(len(c), dtype=bool)
+    new[1:] = (c[1:] != c[:-1]) | (s[1:] != s[:-1])
+    group = np.cumsum(new) - 1
+    last = np.append(np.flatnonzero(new)[1:], len(c)) - 1  # the last row of each group: top rank, last written
+    top = r[last][group]
+    keep_sorted = r == top
+    lv = v[last][group]
+    differs = ~keep_sorted & ~((v == lv) | (np.isnan(v) & np.isnan(lv)))
+    keep = np.empty(len(c), dtype=bool)
+    keep[order] = keep_sorted
+    return keep, int(differs.sum())
+
+
+def _read_files(paths: list[Path], info: RunInfo) -> list[StateFile]:
+    parsed: list[StateFile] = []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                info.damage.append(Damage(file=str(path), offset=0, problem="empty file (0 bytes)", salvaged="nothing"))
+                continue
+            sf = read_file(path)
+        except UnreadableError as exc:
+            problem = str(exc).split(": ", 1)[-1]
+            info.damage.append(Damage(file=str(path), offset=0, problem=problem, salvaged="nothing"))
+            continue
+        except OSError as exc:
+            info.damage.append(
+                Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
+            )
+            continue
+        if sf.damage is not None:
+            info.damage.append(sf.damage)
+        parsed.append(sf)
+        info.files.append(str(path))
+        ck_step = checkpoint_step(path.parent.name)
+        if ck_step is not None:
+            info.checkpoints[ck_step] = str(path.parent)
+    return parsed
+
+
+def _rank_key(sf: StateFile) -> tuple[int, int]:
+    gs = _int_or_none(sf.state.get("global_step"))
+    if gs is None:  # no usable global_step: rank the file by the last step it logged
+        gs = sf.last_step()
+    return (gs if gs is not None else -1, 1 if checkpoint_step(sf.path.parent.name) is None else 0)
 
 
 def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> Imported:
@@ -214,90 +185,139 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     history that only an earlier file holds is not lost.
     """
     info = RunInfo(name=run, sources=[SOURCE])
-    parsed: list[tuple[int, int, Path, dict[str, Any]]] = []
-    for path in paths:
-        try:
-            size = path.stat().st_size
-            if size > MAX_BYTES:
-                raise UnreadableError(f"{path}: {size} bytes is too large for a trainer_state.json")
-            if size == 0:
-                info.damage.append(Damage(file=str(path), offset=0, problem="empty file (0 bytes)", salvaged="nothing"))
-                continue
-            _sniff(path)
-            state, damage = parse_trainer_state(path.read_bytes(), file=str(path))
-        except UnreadableError as exc:
-            info.damage.append(
-                Damage(file=str(path), offset=0, problem=str(exc).split(": ", 1)[-1], salvaged="nothing")
-            )
+    parsed = sorted(_read_files(paths, info), key=_rank_key)
+    names: dict[str, int] = {}
+    ranks, codes, steps, values = [], [], [], []
+    for rank, sf in enumerate(parsed):
+        _history_notes(info, sf)
+        _fill_info(info, sf.state, is_root=checkpoint_step(sf.path.parent.name) is None)
+        if not sf.code:
             continue
-        except OSError as exc:
-            info.damage.append(
-                Damage(file=str(path), offset=None, problem=f"cannot read: {exc.strerror or exc}", salvaged="nothing")
-            )
-            continue
-        if damage is not None:
-            info.damage.append(damage)
-        gs = _int_or_none(state.get("global_step"))
-        if gs is None:  # no usable global_step: rank the file by the last step it logged
-            gs = _last_logged_step(state.get("log_history"))
-        ck_step = checkpoint_step(path.parent.name)
-        is_root = ck_step is None
-        parsed.append((gs if gs is not None else -1, 1 if is_root else 0, path, state))
-        info.files.append(str(path))
-        if ck_step is not None:
-            info.checkpoints[ck_step] = str(path.parent)
-    parsed.sort(key=lambda t: (t[0], t[1]))
-    rows = []
-    for rank, (_, root_rank, path, state) in enumerate(parsed):
-        history = state.get("log_history")
-        if not isinstance(history, list):
-            if history is not None:
-                info.notes.append(f"{path}: log_history is {type(history).__name__}, not a list; ignored")
-            history = []
-        long, summary, missing, invalid = _history_frame(history, run, rank)
-        if invalid:
-            info.notes.append(
-                f"{path}: {invalid} log_history entries dropped: their step is negative, fractional or too large"
-            )
-        if missing:
-            info.notes.append(f"{path}: {missing} log_history entries had no step; they took the previous entry's step")
-        for key, value in summary.items():
-            info.summary[key] = value  # later (higher-ranked) files win
-        rows.append(long)
-        _fill_info(info, state, is_root=bool(root_rank))
-    # the final summary entry proves the run finished; its absence proves nothing: HF writes a root
-    # trainer_state.json only when the script calls save_state(), and a checkpoint's copy is saved mid-run
-    info.finished = True if info.summary.get("train_runtime") is not None else None
-    if rows and any(len(r) for r in rows):
-        long = pd.concat([r for r in rows if len(r)], ignore_index=True)
-        long = long.sort_values(["rank", "order"], kind="stable")
-        # one row per (metric, step) from the highest-ranked file that has it
-        top = long.groupby(["raw", "step"], sort=False)["rank"].transform("max")
-        long = long[long["rank"] == top].sort_values(["rank", "order"], kind="stable")
-        raw = long["raw"].astype(str).to_numpy()
-        uniq = pd.unique(raw)
-        mapping = {r: canonical_metric(r, hf_flat=True) for r in uniq}
-        frame = make_frame(
-            run=run,
-            source=SOURCE,
-            metric=pd.Series(raw).map(mapping).to_numpy(dtype=object),
-            step=long["step"].to_numpy(),
-            value=long["value"].to_numpy(dtype=np.float64),
-            raw_metric=raw,
-        )
+        entry_step, valid, _, _ = sf.step_of_entries()
+        remap = np.array([names.setdefault(n, len(names)) for n in sf.names] + [0], dtype=np.int32)[:-1]
+        # one array at a time, each batch list dropped once joined: memory holds the rows once, not three times
+        entry = np.concatenate(sf.entry)
+        sf.entry = []
+        ok = valid[entry]
+        steps.append(entry_step[entry[ok]] if not ok.all() else entry_step[entry])
+        del entry
+        code = np.concatenate(sf.code)
+        sf.code = []
+        codes.append(remap[code[ok]] if not ok.all() else remap[code])
+        del code
+        value = np.concatenate(sf.value)
+        sf.value = []
+        values.append(value[ok] if not ok.all() else value)
+        del value
+        ranks.append(np.full(len(steps[-1]), rank, dtype=np.int32))
+    _end_of_run(info, parsed)
+    if not codes or not sum(len(c) for c in codes):
+        return Imported.one(make_frame(run=[], source=[], metric=[], step=[], value=[]), info)
+    if len(codes) == 1:
+        code, step, value = codes.pop(), steps.pop(), values.pop()
     else:
-        frame = make_frame(run=[], source=[], metric=[], step=[], value=[])
+        code, step, value = np.concatenate(codes), np.concatenate(steps), np.concatenate(values)
+        codes, steps, values = [], [], []
+    if len(ranks) > 1:
+        keep, differ = _dedupe(np.concatenate(ranks), code, step, value)
+        if differ:
+            info.notes.append(
+                f"trainer_state: {differ} values of earlier files differ from a later file's at the same step (a "
+                "resumed run rewrote that history): the later file's values are used"
+            )
+        code, step, value = code[keep], step[keep], value[keep]
+    raw_names = list(names)
+    canon = np.array([canonical_metric(r, hf_flat=True) for r in raw_names] + [""], dtype=object)[:-1]
+    metric_codes, metric_names = pd.factorize(canon)
+    metric = pd.Categorical.from_codes(
+        np.asarray(metric_codes, dtype=np.int32)[code], categories=_text_index(list(metric_names))
+    )
+    raw = pd.Categorical.from_codes(code, categories=_text_index(raw_names))
+    del code  # the categoricals hold the codes in the smallest integer type
+    frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, raw_metric=raw)
+    _note_superseded(info, frame)
     return Imported.one(frame, info)
 
 
-def _last_logged_step(history: Any) -> int | None:
-    if not isinstance(history, list):
+def _text_index(names: list[Any]) -> pd.Index:
+    return pd.Index(np.asarray([str(n) for n in names] + [""], dtype=object)[:-1].astype(str))
+
+
+def _history_notes(info: RunInfo, sf: StateFile) -> None:
+    path = sf.path
+    if sf.history not in (None, "list"):
+        info.notes.append(f"{path}: log_history is {sf.history}, not a list; ignored")
+    elif not sf.entries and not sf.non_dict:
+        info.notes.append(f"{path}: log_history is empty: nothing was logged yet")
+    if sf.non_dict:
+        info.notes.append(f"{path}: {sf.non_dict} log_history entries are not JSON objects; ignored")
+    if not sf.steps:
+        return
+    _, _, missing, invalid = sf.step_of_entries()
+    if invalid:
+        info.notes.append(
+            f"{path}: {invalid} log_history entries dropped: their step is negative, fractional or too large"
+        )
+    if missing:
+        info.notes.append(f"{path}: {missing} log_history entries had no step; they took the previous entry's step")
+
+
+def _stop_requested(state: dict[str, Any]) -> bool | None:
+    """What the saved TrainerControl says: did a callback ask training to stop (None: not recorded)?"""
+    cbs = state.get("stateful_callbacks")
+    if not isinstance(cbs, dict):
         return None
-    steps = pd.to_numeric(
-        pd.Series([e.get("step") if isinstance(e, dict) else None for e in history], dtype=object), errors="coerce"
-    ).to_numpy(dtype=float)
-    steps = steps[np.isfinite(steps) & (steps >= 0) & (steps < _MAX_STEP)]
-    return int(steps.max()) if len(steps) else None
+    if "EarlyStoppingCallback" in cbs:
+        return True
+    control = cbs.get("TrainerControl")
+    args = control.get("args") if isinstance(control, dict) else None
+    flag = args.get("should_training_stop") if isinstance(args, dict) else None
+    return flag if isinstance(flag, bool) else None
+
+
+def _end_of_run(info: RunInfo, parsed: list[StateFile]) -> None:
+    """The final summary and ``info.finished``: the summary entry at the end of the highest-ranked file that has
+    one, checked against the run's last step and ``max_steps``.
+
+    A summary entry followed by train logs (a run resumed after it), or short of the run's global step, is not an
+    end. One short of ``max_steps`` is an end the run was asked for only when a callback requested the stop
+    (early stopping); with the saved TrainerControl saying no stop was requested, the run was cut short.
+    """
+    ends = [sf for sf in parsed if sf.summary is not None]
+    if not ends:
+        return  # a checkpoint's copy is saved mid-run, and HF writes the root file only at save_state()
+    sf = ends[-1]
+    summary = sf.summary or {}
+    where = _int_or_none(summary.get("step"))
+    if sf.last_train > sf.summary_at:
+        info.notes.append(
+            f"{sf.path}: a final summary entry (step {where}) is followed by more train logs: the run was resumed "
+            "after it, so it is not the end"
+        )
+        return
+    if where is not None and info.global_step is not None and where < info.global_step:
+        info.notes.append(f"{sf.path}: its final summary (step {where}) is older than step {info.global_step}")
+        return
+    for key in SUMMARY_KEYS:
+        if key in summary and summary[key] is not None:
+            info.summary[key] = float("nan") if summary[key] == NAN else summary[key]
+    info.finished = True
+    planned = info.max_steps
+    if where is None or not planned or planned <= 0 or where >= planned:
+        return
+    asked = _stop_requested(sf.state)
+    share = f"{where} of max_steps {planned} ({100 * where / planned:.1f}%)"
+    if asked is False:
+        info.finished = False
+        info.notes.append(
+            f"{sf.path}: train() returned at step {share} with no stop requested by a callback: cut short"
+        )
+    elif asked:
+        info.notes.append(f"{sf.path}: training stopped at step {share}: a callback requested it (early stopping)")
+    else:
+        info.notes.append(
+            f"{sf.path}: training ended at step {share} (early stopping, or a stop the file does not record)"
+        )
 
 
 def _int_or_none(x: Any) -> int | None:

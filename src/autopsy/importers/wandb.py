@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from autopsy._optional import require
-from autopsy.frame import empty_frame, make_frame
+from autopsy.frame import empty_frame, make_frame, wall_seconds
 from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._wandb_history import (
     SOURCE,
@@ -225,7 +225,7 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
         source=SOURCE,
         info=info,
         start=got.meta.get("start_time"),
-        end=float(np.nanmax(history["wall_time"].to_numpy())) if clean_end else None,
+        end=float(np.nanmax(wall_seconds(history))) if clean_end else None,
     )
     if len(system) == 0:
         return history
@@ -233,7 +233,7 @@ def _read_wandb_stream(fh: Any, path: Path, size: int, pb: Any, *, run: str, inf
         return system
     both = pd.concat([history, system], ignore_index=True)
     cols = ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")
-    return make_frame(**{c: both[c].to_numpy() for c in cols})
+    return make_frame(**{c: both[c].array for c in cols})
 
 
 def _note_log(info: RunInfo, path: Path, log: Any, got: _Records) -> None:
@@ -360,6 +360,6 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else empty_frame())
     if len(frames) > 1:
         frame = make_frame(
-            **{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
+            **{c: frame[c].array for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
         )
     return Imported.one(frame, info)

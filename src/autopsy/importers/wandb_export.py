@@ -78,7 +78,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     frame = pd.concat(frames, ignore_index=True) if frames else empty_frame()
     if len(frames) > 1:
         frame = make_frame(
-            **{c: frame[c].to_numpy() for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
+            **{c: frame[c].array for c in ("run", "source", "metric", "step", "value", "wall_time", "raw_metric")}
         )
     return Imported(frame=frame, runs=runs)
 

@@ -102,10 +102,15 @@ def save_batches(
     from safetensors.torch import save_file
 
     tensors: dict[str, Any] = {}
+    seen: set[int] = set()
     for step, mbs in batches.items():
         for i, mb in enumerate(mbs):
             for name, t in mb.items():
-                tensors[f"step{step}.mb{i}.{name}"] = t.detach().to("cpu").contiguous()
+                t = t.detach().to("cpu").contiguous()
+                if t.data_ptr() in seen:
+                    t = t.clone()  # safetensors refuses two names for one storage
+                seen.add(t.data_ptr())
+                tensors[f"step{step}.mb{i}.{name}"] = t
     for name, t in (rng or {}).items():
         tensors[f"rng.{name}"] = t.detach().to("cpu").contiguous()
     for step, states in (step_rng or {}).items():
@@ -150,123 +155,129 @@ def _finding(
     )
 
 
-def inspect_batch(
-    batch: dict[str, Any],
-    *,
-    vocab_size: int | None = None,
-    max_positions: int | None = None,
-    step: int | None = None,
-    ignore_index: int = -100,
-) -> list[Finding]:
-    """Check a batch before the model runs: masked labels, ids out of range, too long, NaN/Inf, empty rows.
+@dataclass
+class _Batch:
+    """The batch's tensors as 2-D (rows, positions), and its row count."""
 
-    Each problem is one ``bad_batch`` finding naming the rows. Vectorised over the batch.
-    """
-    import torch
+    ids: Any
+    labels: Any
+    mask: Any
+    n: int
+    step: int | None
 
-    out: list[Finding] = []
-    ids = batch.get("input_ids")
-    labels = batch.get("labels")
-    mask = batch.get("attention_mask")
-    ref = next((t for t in (ids, labels, mask) if t is not None and t.dim() >= 1), None)
-    n = int(ref.shape[0]) if ref is not None else 0
-    if ids is not None and ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if labels is not None and labels.dim() == 1:
-        labels = labels.unsqueeze(0)
-    if mask is not None and mask.dim() == 1:
-        mask = mask.unsqueeze(0)
-    if ids is not None and vocab_size is not None and ids.numel():
-        bad = ((ids < 0) | (ids >= vocab_size)).flatten(1).any(1)
+
+def _check_ids(b: _Batch, vocab_size: int | None) -> list[Finding]:
+    if b.ids is None or vocab_size is None or not b.ids.numel():
+        return []
+    bad = ((b.ids < 0) | (b.ids >= vocab_size)).flatten(1).any(1)
+    if not bad.any():
+        return []
+    lo, hi = int(b.ids.min()), int(b.ids.max())
+    return [
+        _finding(
+            _rows(bad),
+            b.n,
+            "token_id_out_of_range",
+            f"token ids outside [0, {vocab_size}) (min {lo}, max {hi})",
+            Severity.CRITICAL,
+            "the tokenizer and the model disagree on the vocabulary (added tokens without resize_token_embeddings, a wrong tokenizer); on a GPU this is the 'device-side assert triggered' crash",
+            "resize the embeddings to len(tokenizer) or fix the tokenizer; check the ids named here",
+            b.step,
+            min_id=lo,
+            max_id=hi,
+            vocab_size=vocab_size,
+        )
+    ]
+
+
+def _check_labels(b: _Batch, vocab_size: int | None, ignore_index: int) -> list[Finding]:
+    labels = b.labels
+    if labels is None or not labels.numel():
+        return []
+    out = []
+    valid = labels != ignore_index
+    if vocab_size is not None:
+        bad = (valid & ((labels < 0) | (labels >= vocab_size))).flatten(1).any(1)
         if bad.any():
-            rows = _rows(bad)
-            lo, hi = int(ids.min()), int(ids.max())
             out.append(
                 _finding(
-                    rows,
-                    n,
-                    "token_id_out_of_range",
-                    f"token ids outside [0, {vocab_size}) (min {lo}, max {hi})",
+                    _rows(bad),
+                    b.n,
+                    "label_out_of_range",
+                    f"labels outside [0, {vocab_size}) and not {ignore_index}",
                     Severity.CRITICAL,
-                    "the tokenizer and the model disagree on the vocabulary (added tokens without resize_token_embeddings, a wrong tokenizer); on a GPU this is the 'device-side assert triggered' crash",
-                    "resize the embeddings to len(tokenizer) or fix the tokenizer; check the ids named here",
-                    step,
-                    min_id=lo,
-                    max_id=hi,
+                    "labels built with the wrong tokenizer or a padding value other than -100",
+                    "pad labels with -100 and use the model's tokenizer",
+                    b.step,
                     vocab_size=vocab_size,
                 )
             )
-    if labels is not None and labels.numel():
-        valid = labels != ignore_index
-        if vocab_size is not None:
-            bad = (valid & ((labels < 0) | (labels >= vocab_size))).flatten(1).any(1)
-            if bad.any():
-                out.append(
-                    _finding(
-                        _rows(bad),
-                        n,
-                        "label_out_of_range",
-                        f"labels outside [0, {vocab_size}) and not {ignore_index}",
-                        Severity.CRITICAL,
-                        "labels built with the wrong tokenizer or a padding value other than -100",
-                        "pad labels with -100 and use the model's tokenizer",
-                        step,
-                        vocab_size=vocab_size,
-                    )
-                )
-        # a causal LM shifts labels by one: a row needs a valid label after position 0 to contribute
-        learnable = (
-            valid[..., 1:].flatten(1).any(1) if labels.dim() >= 2 and labels.shape[-1] > 1 else valid.flatten(1).any(1)
+    # a causal LM shifts labels by one: a row needs a valid label after position 0 to contribute
+    learnable = (
+        valid[..., 1:].flatten(1).any(1) if labels.dim() >= 2 and labels.shape[-1] > 1 else valid.flatten(1).any(1)
+    )
+    masked = ~learnable
+    if masked.all():
+        out.append(
+            _finding(
+                _rows(masked),
+                b.n,
+                "all_labels_masked",
+                f"every label is {ignore_index}: nothing to learn",
+                Severity.ERROR,
+                "the loss is NaN (0/0) or 0.0 for this batch: a collator or template that masks every token (prompt longer than the cut, wrong response template)",
+                "check the collator's masking and the max length; drop rows with no label",
+                b.step,
+            )
         )
-        masked = ~learnable
-        if masked.all():
-            out.append(
-                _finding(
-                    _rows(masked),
-                    n,
-                    "all_labels_masked",
-                    f"every label is {ignore_index}: nothing to learn",
-                    Severity.ERROR,
-                    "the loss is NaN (0/0) or 0.0 for this batch: a collator or template that masks every token (prompt longer than the cut, wrong response template)",
-                    "check the collator's masking and the max length; drop rows with no label",
-                    step,
-                )
+    elif masked.any():
+        out.append(
+            _finding(
+                _rows(masked),
+                b.n,
+                "rows_fully_masked",
+                f"rows whose labels are all {ignore_index}",
+                Severity.WARNING,
+                "these rows contribute nothing (prompt cut at max length, template mismatch)",
+                "check the collator's masking and the max length for these rows",
+                b.step,
             )
-        elif masked.any():
-            out.append(
-                _finding(
-                    _rows(masked),
-                    n,
-                    "rows_fully_masked",
-                    f"rows whose labels are all {ignore_index}",
-                    Severity.WARNING,
-                    "these rows contribute nothing (prompt cut at max length, template mismatch)",
-                    "check the collator's masking and the max length for these rows",
-                    step,
-                )
-            )
-    if max_positions is not None and ref is not None:
-        seq = ids if ids is not None else labels if labels is not None else None
-        if seq is not None and seq.dim() >= 2 and seq.shape[1] > max_positions:
-            if mask is not None and mask.shape == seq.shape:
-                long_rows = mask.to(torch.int64).sum(1) > max_positions
-            else:
-                long_rows = torch.ones(seq.shape[0], dtype=torch.bool)
-            if long_rows.any():
-                out.append(
-                    _finding(
-                        _rows(long_rows),
-                        n,
-                        "sequence_too_long",
-                        f"sequences of {seq.shape[1]} tokens, longer than the model's {max_positions} positions",
-                        Severity.CRITICAL,
-                        "no truncation to the model's max_position_embeddings",
-                        f"truncate to max_length <= {max_positions}",
-                        step,
-                        seq_len=int(seq.shape[1]),
-                        max_positions=max_positions,
-                    )
-                )
+        )
+    return out
+
+
+def _check_length(b: _Batch, max_positions: int | None) -> list[Finding]:
+    import torch
+
+    seq = b.ids if b.ids is not None else b.labels
+    if max_positions is None or seq is None or seq.dim() < 2 or seq.shape[1] <= max_positions:
+        return []
+    if b.mask is not None and b.mask.shape == seq.shape:
+        long_rows = b.mask.to(torch.int64).sum(1) > max_positions
+    else:
+        long_rows = torch.ones(seq.shape[0], dtype=torch.bool)
+    if not long_rows.any():
+        return []
+    return [
+        _finding(
+            _rows(long_rows),
+            b.n,
+            "sequence_too_long",
+            f"sequences of {seq.shape[1]} tokens, longer than the model's {max_positions} positions",
+            Severity.CRITICAL,
+            "no truncation to the model's max_position_embeddings",
+            f"truncate to max_length <= {max_positions}",
+            b.step,
+            seq_len=int(seq.shape[1]),
+            max_positions=max_positions,
+        )
+    ]
+
+
+def _check_values(batch: dict[str, Any], b: _Batch) -> list[Finding]:
+    import torch
+
+    out = []
     for name, t in batch.items():
         if torch.is_tensor(t) and t.is_floating_point() and t.numel():
             bad = ~torch.isfinite(t)
@@ -281,28 +292,62 @@ def inspect_batch(
                         Severity.CRITICAL,
                         "broken preprocessing (a division by zero, a corrupt sample)",
                         "find these samples in the dataset and fix or drop them",
-                        step,
+                        b.step,
                         input=name,
                         nonfinite_values=int(bad.sum()),
                     )
                 )
-    if mask is not None and mask.numel() and mask.dim() >= 2:
-        empty = ~(mask != 0).flatten(1).any(1)
-    elif ids is not None and ids.dim() >= 2:
-        empty = torch.full((ids.shape[0],), ids.shape[1] == 0)
-    else:
-        empty = None
-    if empty is not None and empty.any():
-        out.append(
-            _finding(
-                _rows(empty),
-                n,
-                "empty_rows",
-                "rows with no tokens (attention mask all zero)",
-                Severity.ERROR,
-                "empty samples in the dataset (blank text, a filter that emptied them)",
-                "drop empty samples before batching",
-                step,
-            )
-        )
     return out
+
+
+def _check_empty(b: _Batch) -> list[Finding]:
+    import torch
+
+    if b.mask is not None and b.mask.numel() and b.mask.dim() >= 2:
+        empty = ~(b.mask != 0).flatten(1).any(1)
+    elif b.ids is not None and b.ids.dim() >= 2:
+        empty = torch.full((b.ids.shape[0],), b.ids.shape[1] == 0)
+    else:
+        return []
+    if not empty.any():
+        return []
+    return [
+        _finding(
+            _rows(empty),
+            b.n,
+            "empty_rows",
+            "rows with no tokens (attention mask all zero)",
+            Severity.ERROR,
+            "empty samples in the dataset (blank text, a filter that emptied them)",
+            "drop empty samples before batching",
+            b.step,
+        )
+    ]
+
+
+def inspect_batch(
+    batch: dict[str, Any],
+    *,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    step: int | None = None,
+    ignore_index: int = -100,
+) -> list[Finding]:
+    """Check a batch before the model runs: masked labels, ids out of range, too long, NaN/Inf, empty rows.
+
+    Each problem is one ``bad_batch`` finding naming the rows. Vectorised over the batch.
+    """
+
+    def two_d(t: Any) -> Any:
+        return t.unsqueeze(0) if t is not None and t.dim() == 1 else t
+
+    ids, labels, mask = (batch.get(k) for k in ("input_ids", "labels", "attention_mask"))
+    ref = next((t for t in (ids, labels, mask) if t is not None and t.dim() >= 1), None)
+    b = _Batch(two_d(ids), two_d(labels), two_d(mask), int(ref.shape[0]) if ref is not None else 0, step)
+    return (
+        _check_ids(b, vocab_size)
+        + _check_labels(b, vocab_size, ignore_index)
+        + _check_length(b, max_positions)
+        + _check_values(batch, b)
+        + _check_empty(b)
+    )

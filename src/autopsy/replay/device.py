@@ -15,7 +15,7 @@ from typing import Any
 from autopsy.checkpoints import safetensors_header
 from autopsy.errors import UsageError
 
-__all__ = ["pick_device", "pick_dtype"]
+__all__ = ["check_device", "checkpoint_dtype", "pick_device", "pick_dtype"]
 
 _DTYPES = {
     "F16": "float16",
@@ -29,6 +29,17 @@ _DTYPES = {
     "half": "float16",
     "float": "float32",
 }
+
+
+def check_device(requested: str | None) -> str | None:
+    """Check a ``--device`` value without importing torch (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    if requested is None:
+        return None
+    text = str(requested).strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise UsageError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N")
+    return text
 
 
 def pick_device(requested: Any = None) -> Any:
@@ -46,7 +57,8 @@ def pick_device(requested: Any = None) -> Any:
     return dev
 
 
-def _checkpoint_dtype(model_dir: Path) -> str | None:
+def checkpoint_dtype(model_dir: Path) -> str | None:
+    """The dtype the checkpoint was saved in: its config's ``dtype``/``torch_dtype``, else most of its weights'."""
     cfg = model_dir / "config.json"
     if cfg.is_file():
         import json
@@ -79,5 +91,5 @@ def pick_dtype(model_dir: str | os.PathLike[str]) -> Any:
     """
     import torch
 
-    name = _checkpoint_dtype(Path(model_dir)) or "float32"
+    name = checkpoint_dtype(Path(model_dir)) or "float32"
     return getattr(torch, name)

@@ -8,80 +8,36 @@ forward and backward of each micro-batch, ``clip_grad_norm_`` with the run's ``m
 is the one reported, as HF logs it), ``optimizer.step()``, ``scheduler.step()``. The first step whose loss or
 gradient norm is non-finite is localized with :func:`autopsy.replay.localize.localize` on the weights it saw.
 
-Pickled state is read only with ``torch.load(weights_only=True)``, with an explicit allowlist of the numpy names
-an RNG file holds; a file that needs anything else is not loaded, and the replay goes on without that state
-(saying so in the report's notes). One host sync per replayed step (loss and grad norm together) and one after
-each update (are all weights still finite).
+The steps run in the run's precision (:mod:`autopsy.replay.precision`: the autocast of ``fp16``/``bf16`` runs; the
+fp16 loss scaler is not replayed). The training state is read by :mod:`autopsy.replay.state` (``weights_only``, an
+allowlist, and size caps checked before anything is inflated). One host sync per replayed step (loss and grad norm
+together) and one after each update (are all weights still finite).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autopsy.checkpoints import checkpoint_step, scan_weights, weights_finding
-from autopsy.errors import InputError, first_line
+from autopsy.errors import InputError
 from autopsy.findings import Finding, Severity, evidence_value
 from autopsy.recording import LOSSES, record_dir, recorded_batches, weights_dir
+from autopsy.replay.state import (
+    SMALL_STATE_CAP,
+    build_optimizer,
+    build_scheduler,
+    load_state_file,
+    optimizer_cap,
+    set_rng,
+)
 
-__all__ = ["load_state_file", "step_replay"]
+__all__ = ["step_loss", "step_replay"]
 
-
-def _numpy_allowlist() -> dict[str, Any]:
-    """The only globals an RNG file may name: numpy arrays and dtypes (for ``np.random.get_state()``)."""
-    import numpy as np
-
-    allow: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
-    import warnings
-
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # numpy 2 deprecates the numpy.core alias
-                m = __import__(mod, fromlist=["_reconstruct"])
-            allow[f"{mod}._reconstruct"] = m._reconstruct
-        except (ImportError, AttributeError):
-            continue
-    dtypes = getattr(np, "dtypes", None)
-    for name in ("UInt32DType", "Int64DType", "Float64DType"):
-        if dtypes is not None and hasattr(dtypes, name):
-            allow[f"numpy.dtypes.{name}"] = getattr(dtypes, name)
-    return allow
-
-
-def load_state_file(path: Path, *, what: str) -> tuple[Any, str | None]:
-    """``torch.load(path, weights_only=True)`` with the numpy allowlist: (object, None) or (None, note)."""
-    import torch
-    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
-
-    if not path.is_file():
-        return None, f"{path.name} is missing: the replay runs without the {what}"
-    try:
-        names = get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:
-        return (
-            None,
-            f"{path.name} is not a readable torch file ({type(exc).__name__}): the replay runs without the {what}",
-        )
-    allow = _numpy_allowlist()
-    refused = sorted(n for n in names if n not in allow)
-    if refused:
-        return None, (
-            f"{path.name} was not loaded: it references {', '.join(refused[:4])}, not on the allowlist "
-            f"(only weights_only loading is done): the replay runs without the {what}"
-        )
-    try:
-        with safe_globals(list(allow.values())):  # the dtype classes are found only while unpickling
-            return torch.load(str(path), weights_only=True, map_location="cpu"), None
-    except Exception as exc:
-        return (
-            None,
-            f"{path.name} could not be loaded safely ({first_line(exc, 160)}): the replay runs without the {what}",
-        )
+LOCALIZED = ("nonfinite_origin", "grad_norm_overflow")
 
 
 def _recorded(
@@ -124,153 +80,6 @@ def _first_bad(traj: dict[int, dict[str, Any]]) -> int | None:
     return next((s for s, r in sorted(traj.items()) if any(not math.isfinite(v) for v in r.values())), None)
 
 
-def _decay_names(model: Any) -> set[str]:
-    """The parameters HF's Trainer puts in its weight-decay group (``Trainer.get_decay_parameter_names``)."""
-    import torch
-
-    forbidden = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
-    out = set()
-    for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.LayerNorm):
-            continue
-        for pname, _ in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if not any(f.search(full.lower()) for f in forbidden):
-                out.add(full)
-    return out
-
-
-_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
-
-
-def _optimizer_class(optim_name: str | None, saved: dict[str, Any] | None) -> Any:
-    import torch
-
-    name = str(optim_name or "").lower()
-    if name.startswith("adamw_torch") or name in ("adamw_hf", "adamw"):
-        return torch.optim.AdamW
-    for key, cls in _OPTIMIZERS.items():
-        if name == key or name.startswith(key + "_"):
-            if key == "adam" and name.startswith("adamw"):
-                continue
-            return getattr(torch.optim, cls)
-    if not name and saved is not None:  # no config: guess from the saved hyperparameters
-        g = (saved.get("param_groups") or [{}])[0]
-        if "betas" in g:
-            return torch.optim.AdamW if g.get("decoupled_weight_decay", True) else torch.optim.Adam
-        if "momentum" in g and "dampening" in g:
-            return torch.optim.SGD
-    if not name:
-        return torch.optim.AdamW  # HF Trainer's default
-    raise InputError(
-        f"step replay supports torch's AdamW, Adam, SGD, Adagrad and RMSprop; this run used optim={optim_name!r}"
-    )
-
-
-def _build_optimizer(
-    model: Any, cfg: dict[str, Any], saved: dict[str, Any] | None, notes: list[str]
-) -> tuple[Any, dict[str, Any] | None]:
-    """The optimizer as HF's Trainer built it (decay / no-decay groups), and ``optimizer.pt``'s state when it fits
-    (None otherwise): Trainer loads that state after the scheduler is built, and so does the caller."""
-    cls = _optimizer_class(cfg.get("optim"), saved)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = _decay_names(model)
-    wd = float(cfg.get("weight_decay") or 0.0)
-    groups: list[dict[str, Any]] = [
-        {"params": [p for n, p in named if n in decay], "weight_decay": wd},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-    ]
-    lr = float(cfg.get("learning_rate") or 1e-3)
-    kwargs: dict[str, Any] = {"lr": lr}
-    if cls.__name__.startswith("Adam"):
-        kwargs.update(
-            betas=(float(cfg.get("adam_beta1", 0.9)), float(cfg.get("adam_beta2", 0.999))),
-            eps=float(cfg.get("adam_epsilon", 1e-8)),
-        )
-    if saved is not None:
-        sizes = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
-        if sizes != [len(g["params"]) for g in groups]:
-            if sizes == [len(named)]:
-                groups = [{"params": [p for _, p in named], "weight_decay": wd}]
-            else:
-                notes.append(
-                    f"optimizer.pt holds parameter groups of sizes {sizes}, the model's trainable parameters group as "
-                    f"{[len(g['params']) for g in groups]}: the replay runs with a fresh {cls.__name__} (its first steps will differ)"
-                )
-                saved = None
-    opt = cls(groups, **kwargs)
-    if saved is not None:
-        params = [p for g in groups for p in g["params"]]
-        mismatch = [
-            i
-            for i, st in saved.get("state", {}).items()
-            if isinstance(i, int)
-            and i < len(params)
-            and any(
-                hasattr(v, "shape") and v.dim() > 0 and tuple(v.shape) != tuple(params[i].shape) for v in st.values()
-            )
-        ]
-        if mismatch:
-            notes.append(
-                f"optimizer.pt does not match the model's parameters (shapes differ at {len(mismatch)} entries): "
-                f"the replay runs with a fresh {cls.__name__}"
-            )
-            return opt, None
-    return opt, saved
-
-
-def _build_scheduler(
-    opt: Any, cfg: dict[str, Any], max_steps: int | None, step: int, saved: dict[str, Any] | None, notes: list[str]
-) -> Any:
-    """The LR scheduler of the run (``transformers.get_scheduler``), then ``scheduler.pt``'s state or advanced to ``step``."""
-    from transformers import get_scheduler
-
-    name = cfg.get("lr_scheduler_type") or "linear"
-    total = int(max_steps or cfg.get("max_steps") or 0)
-    warm = cfg.get("warmup_steps") or 0
-    ratio = cfg.get("warmup_ratio") or 0
-    warmup = math.ceil(float(warm) * total) if 0 < float(warm) < 1 else int(warm)
-    if not warmup and ratio:
-        warmup = math.ceil(float(ratio) * total)
-    extra = cfg.get("lr_scheduler_kwargs") if isinstance(cfg.get("lr_scheduler_kwargs"), dict) else {}
-    if total <= 0 and name not in ("constant", "constant_with_warmup"):
-        notes.append(
-            f"the run's max_steps is unknown: the {name} schedule cannot be rebuilt; the learning rate is held constant"
-        )
-        return None
-    try:
-        sched = get_scheduler(
-            name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=extra or None
-        )
-    except Exception as exc:
-        notes.append(
-            f"the LR schedule {name!r} could not be rebuilt ({type(exc).__name__}): the learning rate is held constant"
-        )
-        return None
-    if saved is None:
-        for _ in range(step):
-            sched.step()
-    return sched
-
-
-def _set_rng(state: dict[str, Any] | None) -> bool:
-    import torch
-
-    if not state:
-        return False
-    cpu = state.get("torch_cpu", state.get("cpu"))
-    if torch.is_tensor(cpu):
-        torch.set_rng_state(cpu.to("cpu", torch.uint8))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            t = state.get(f"torch_cuda{i}")
-            if t is None and i == 0:
-                t = state.get("cuda")
-            if torch.is_tensor(t):
-                torch.cuda.set_rng_state(t.to("cpu", torch.uint8), i)
-    return True
-
-
 def _nonfinite_params(model: Any) -> list[str]:
     import torch
 
@@ -286,12 +95,23 @@ def _nonfinite_params(model: Any) -> list[str]:
     ]  # a finite sum can overflow; recheck the few
 
 
+def _saved_names(model: Any) -> dict[str, Any]:
+    """The model's parameters by the names ``save_pretrained`` writes (a PEFT adapter's without ``.<adapter>``)."""
+    params = dict(model.named_parameters())
+    adapters = list(getattr(model, "peft_config", {}) or {})
+    out = dict(params)
+    for name, p in params.items():
+        for a in adapters:
+            out.setdefault(name.replace(f".{a}.", "."), p)
+    return out
+
+
 def _compare_weights(model: Any, weights_dir: Path) -> list[str]:
     """Tensors of the original run's pre-failure weights that are non-finite where the replayed ones are finite."""
     import torch
     from safetensors import safe_open
 
-    params = dict(model.named_parameters())
+    params = _saved_names(model)
     out = []
     for f in sorted(weights_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
@@ -368,12 +188,13 @@ class _Training:
     device: Any
     max_grad_norm: float | None  # None: clipping off
     state_loaded: dict[str, bool]
+    precision: Any = None
 
 
-def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
+def _restore(ck: Path, run: Path, plan: _Plan, *, base: Any, device: Any, dtype: str | None) -> _Training:
     from autopsy.importers.training_args import read_training_args
     from autopsy.replay.checkpoint import load_model
-    from autopsy.replay.device import pick_device
+    from autopsy.replay.precision import run_precision
 
     cfg, cfg_note = (
         read_training_args(ck / "training_args.bin")
@@ -383,19 +204,28 @@ def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
     if cfg_note:
         plan.notes.append(f"{cfg_note}: HF's defaults are assumed (max_grad_norm 1.0, AdamW, linear schedule)")
     max_grad_norm = cfg.get("max_grad_norm", 1.0) if cfg else 1.0
-    dev = pick_device(device)
-    model = load_model(ck, base=base, device=dev)
-    model.train()
+    model_dir = _model_dir(ck, base)
+    prec = run_precision(model_dir, run_dir=run, checkpoint=ck, dtype=dtype)
+    model = load_model(ck, base=base, device=device, precision=prec, notes=plan.notes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt_state, note1 = load_state_file(
-        ck / "optimizer.pt", what="optimizer state (a fresh optimizer: its first steps will differ)"
+        ck / "optimizer.pt",
+        what="optimizer state (a fresh optimizer: its first steps will differ)",
+        cap=optimizer_cap(trainable),
     )
     sched_state, note2 = load_state_file(
-        ck / "scheduler.pt", what=f"scheduler state (a fresh scheduler advanced to step {plan.start})"
+        ck / "scheduler.pt",
+        what=f"scheduler state (a fresh scheduler advanced to step {plan.start})",
+        cap=SMALL_STATE_CAP,
     )
-    rng_state, note3 = load_state_file(ck / "rng_state.pth", what="checkpoint's RNG state")
+    rng_state, note3 = load_state_file(ck / "rng_state.pth", what="checkpoint's RNG state", cap=SMALL_STATE_CAP)
     plan.notes.extend(n for n in (note1, note2, note3) if n)
-    opt, fits = _build_optimizer(model, cfg, opt_state, plan.notes)
-    sched = _build_scheduler(opt, cfg, plan.max_steps, plan.start, sched_state, plan.notes)
+    if prec.autocast == "float16":
+        plan.notes.append(
+            "the run used fp16 mixed precision: the steps replay under fp16 autocast without its loss scaler"
+        )
+    opt, fits = build_optimizer(model, cfg, opt_state, plan.notes)
+    sched = build_scheduler(opt, cfg, plan.max_steps, plan.start, sched_state, plan.notes)
     if fits is not None:
         opt.load_state_dict(fits)
     if sched is not None and sched_state is not None:
@@ -406,35 +236,57 @@ def _restore(ck: Path, plan: _Plan, *, base: Any, device: Any) -> _Training:
                 f"scheduler.pt does not fit the rebuilt {type(sched).__name__} ({type(exc).__name__}): its state is ignored"
             )
     if isinstance(rng_state, dict):
-        _set_rng(rng_state)
+        set_rng(rng_state)
     clip = max_grad_norm is not None and float(max_grad_norm) > 0
     return _Training(
         model,
         opt,
         sched,
-        dev,
+        next(model.parameters()).device,
         float(max_grad_norm) if clip else None,
         {"optimizer": fits is not None, "scheduler": sched_state is not None, "rng": rng_state is not None},
+        prec,
     )
 
 
-def _one_step(t: _Training, micro: list[dict[str, Any]]) -> tuple[float, float]:
-    """Forward and backward of each micro-batch, then the pre-clip norm as HF computes it: (mean loss, grad norm)."""
+def _model_dir(ck: Path, base: Any) -> Path:
+    from autopsy.checkpoints import is_adapter
+    from autopsy.replay.checkpoint import base_model_dir
+
+    return base_model_dir(ck, base) if is_adapter(ck) else ck
+
+
+def step_loss(losses: list[Any], micro: list[dict[str, Any]]) -> Any:
+    """A step's loss as HF's Trainer logs it from its micro-batches' losses: their sum when each was normalized by
+    the step's ``num_items_in_batch`` (already a share of the step's mean), else their mean."""
     import torch
 
+    stacked = torch.stack([v.reshape(()).to(losses[0].device) for v in losses])
+    return stacked.sum() if any("num_items_in_batch" in mb for mb in micro) else stacked.mean()
+
+
+def _one_step(t: _Training, micro: list[dict[str, Any]]) -> tuple[float, float]:
+    """Forward and backward of each micro-batch, then the pre-clip norm as HF computes it: (step loss, grad norm)."""
+    import torch
+
+    from autopsy.replay.trace import precision
+
     params = [p for p in t.model.parameters() if p.requires_grad]
+    autocast = t.precision.torch_dtype(t.precision.autocast) if t.precision is not None else None
     losses = []
     with torch.enable_grad():
         for mb in micro:
             inputs = {k: v.to(t.device) for k, v in mb.items()}
-            out = t.model(**inputs)
+            with precision(t.device, autocast):
+                out = t.model(**inputs)
             loss = out.loss if hasattr(out, "loss") else out[0]
             # HF: a loss normalized by num_items_in_batch is already scaled for gradient accumulation
             scaled = loss if "num_items_in_batch" in inputs or len(micro) == 1 else loss / len(micro)
             scaled.backward()
             losses.append(loss.detach().float())
     gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else math.inf)
-    loss_v, gn_v = torch.stack([torch.stack(losses).mean(), gnorm.detach().float().to(losses[0].device)]).cpu().tolist()
+    total = step_loss(losses, micro)
+    loss_v, gn_v = torch.stack([total, gnorm.detach().float().to(total.device)]).cpu().tolist()
     return float(loss_v), float(gn_v)
 
 
@@ -445,7 +297,7 @@ def _run_steps(t: _Training, plan: _Plan) -> tuple[list[dict[str, Any]], int | N
     poisoned: tuple[int, list[str]] | None = None
     for s in plan.want:
         if s in plan.step_rng:
-            _set_rng(plan.step_rng[s])
+            set_rng(plan.step_rng[s])
         lr = float(t.opt.param_groups[0]["lr"])
         loss_v, gn_v = _one_step(t, plan.steps[s])
         rec = {
@@ -507,18 +359,14 @@ def _localize_step(
     t: _Training, plan: _Plan, bad_step: int, ev: dict[str, Any], poisoned: tuple[int, list[str]] | None
 ) -> list[Finding]:
     """Localize inside the failing step, on the weights it saw (the update of that step has not run)."""
-    from autopsy.replay.localize import localize
+    from autopsy.replay.diagnose import diagnose
 
-    loc: list[Finding] = []
-    for mb in plan.steps[bad_step]:
-        _set_rng(plan.step_rng.get(bad_step))
-        loc = localize(t.model, {k: v.to(t.device) for k, v in mb.items()}, step=bad_step)
-        if loc and loc[0].signature == "nonfinite_origin":
-            break
+    autocast = t.precision.torch_dtype(t.precision.autocast) if t.precision is not None else None
+    loc = diagnose(t.model, plan.steps[bad_step], step=bad_step, autocast=autocast, rng=plan.step_rng.get(bad_step))
     for f in loc:
         f.evidence.update(ev)
         f.detector = "replay.step"
-        if poisoned is not None and f.signature == "nonfinite_origin":
+        if poisoned is not None and f.signature in LOCALIZED:
             f.cause = f"the update of step {poisoned[0]} wrote NaN/Inf into {', '.join(poisoned[1][:4])}; " + f.cause
     return loc
 
@@ -531,12 +379,13 @@ def step_replay(
     base: Any = None,
     device: Any = None,
     until: int | None = None,
+    dtype: str | None = None,
 ) -> tuple[list[Finding], dict[str, Any], list[str]]:
     """Re-run the recorded steps after ``checkpoint`` until one goes non-finite. Returns (findings, config, notes)."""
     run, ck = Path(run_dir), Path(checkpoint)
     plan = _plan(run, ck, Path(batch) if batch else None, until)
     scan = scan_weights(ck)
-    t = _restore(ck, plan, base=base, device=device)
+    t = _restore(ck, run, plan, base=base, device=device, dtype=dtype)
     traj, bad_step, poisoned = _run_steps(t, plan)
     ran = [r["step"] for r in traj]
     ev: dict[str, Any] = {
@@ -567,6 +416,7 @@ def step_replay(
         "scheduler": type(t.sched).__name__ if t.sched is not None else None,
         "max_grad_norm": t.max_grad_norm,
         "state_loaded": t.state_loaded,
+        "precision": t.precision.describe() if t.precision is not None else None,
     }
     findings: list[Finding] = []
     wf = weights_finding(scan.path, scan.nonfinite, tensors=scan.tensors, step=plan.start)

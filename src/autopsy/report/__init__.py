@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from autopsy.errors import UsageError
 from autopsy.findings import Report
 
-__all__ = ["FORMATS", "render"]
+__all__ = ["EXTENSIONS", "FORMATS", "format_for", "render"]
 
 FORMATS = ("console", "markdown", "json", "html")
+EXTENSIONS = {
+    ".json": "json",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".txt": "console",
+}
+
+
+def format_for(path: str | os.PathLike[str]) -> str:
+    """The report format a file's extension names (a clear error for any other)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise UsageError(f"{path}: unknown extension {suffix or '(none)'!r}; use .html, .md, .json or .txt")
+    return EXTENSIONS[suffix]
 
 
 def render(report: Report, fmt: str = "console", **options: Any) -> str:

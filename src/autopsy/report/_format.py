@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Any
 
 import pandas as pd
 
-from autopsy.findings import Finding
+from autopsy.findings import Finding, num
 
 __all__ = ["format_evidence", "format_number", "format_value", "format_wall", "replay_evidence", "step_range"]
 
 
-def format_number(v: float | int) -> str:
-    """4 significant digits, e-notation where that is shorter: ``4773450000.0`` -> ``4.773e+09``, ``0.0005`` ->
-    ``0.0005``, ``1.2e-05`` -> ``1.2e-05``; ints stay whole."""
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    x = float(v)
-    if not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-    return f"{x:.4g}"
+format_number = num  # one rule for a number a person reads (autopsy.findings.num)
 
 
 def format_value(v: Any, *, limit: int = 8) -> str:
@@ -35,15 +24,16 @@ def format_value(v: Any, *, limit: int = 8) -> str:
             f" (+{len(v) - limit} more)" if len(v) > limit else ""
         )
     if isinstance(v, (list, tuple)):
-        return ", ".join(format_value(x, limit=limit) for x in v[:limit]) + (
-            f" (+{len(v) - limit} more)" if len(v) > limit else ""
-        )
+        return ", ".join(
+            f"[{format_value(x, limit=limit)}]" if isinstance(x, dict) else format_value(x, limit=limit)
+            for x in v[:limit]
+        ) + (f" (+{len(v) - limit} more)" if len(v) > limit else "")
     return str(v)
 
 
-def format_evidence(f: Finding, limit: int = 12) -> str:
-    items = list(f.evidence.items())[:limit]
-    return "; ".join(f"{k}={format_value(v)}" for k, v in items)
+def format_evidence(evidence: dict[str, Any], limit: int = 12) -> str:
+    """The evidence as one line, ``key=value; ...``: its first ``limit`` items, each value shortened."""
+    return "; ".join(f"{k}={format_value(v)}" for k, v in list(evidence.items())[:limit])
 
 
 def format_wall(step: int | None, walls: pd.Series) -> str:

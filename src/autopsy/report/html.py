@@ -1,35 +1,45 @@
-"""Report -> one self-contained HTML file: readable offline, attachable to a ticket.
+"""Report -> one self-contained HTML file: readable offline, attachable to a ticket; or its body for a notebook.
 
-No external URL at all: CSS inline, plots embedded as ``data:`` SVG images, no script; a Content-Security-Policy
-meta tag forbids the page to fetch anything. Every string that comes from the data (run names, metric names,
-paths, config values, evidence) is escaped. The first screen answers: did the run fail, where, why, what to do, and
-which checkpoint to restart from. Pure and deterministic: the same report gives the same bytes.
+No external URL at all: CSS inline, the charts drawn by our own inline script from JSON in the page (zoom, hover
+values; :mod:`autopsy.report._chart_html`), each carrying a static SVG of the same figure until the script runs
+(or where it never does). A Content-Security-Policy meta tag forbids the page to fetch anything and lets only that
+script run (by its hash). Every string that comes from the data (run names, metric names, paths, config values,
+evidence) is escaped. The first screen answers: did the run fail, where, why, what to do, and which checkpoint to
+restart from. Readable from 800 px wide up: tables wrap, none scrolls sideways. Pure and deterministic: the same
+report gives the same bytes.
+
+:func:`render_html_body` is the report without the page around it (no ``<html>``/``<head>``): one ``<div
+class="autopsy">`` with its own scoped ``<style>`` and ``<script>``, for a Jupyter output cell.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 from autopsy.findings import Finding, Report, RunReport, Severity
+from autopsy.report._fleet import FLEET_CSS, fleet_findings_html, small_multiples_html
 from autopsy.report._format import format_value, format_wall, replay_evidence, step_range
 from autopsy.report.summary import FleetSummary, RunSummary, display_path, summarize_fleet
 
-__all__ = ["CSP", "render_html"]
+__all__ = ["CSP", "render_html", "render_html_body"]
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_ROOT = ".autopsy"
 
 _CSS = """
 :root{--crit:#b00020;--err:#d9480f;--warn:#b08800;--info:#1c7ed6;--ok:#2b8a3e;--fg:#1b1e21;--muted:#5c6670;--line:#dee2e6}
+:root{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);background:#f4f5f7;text-align:left}
 *{box-sizing:border-box}
-body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);background:#f4f5f7}
 main{max-width:1180px;margin:0 auto;padding:16px 20px 40px}
-header.top{display:flex;justify-content:space-between;align-items:baseline;border-bottom:1px solid var(--line);margin-bottom:12px}
+header.top{display:flex;flex-wrap:wrap;gap:0 16px;justify-content:space-between;align-items:baseline;border-bottom:1px solid var(--line);margin-bottom:12px}
 header.top h1{font-size:20px;margin:8px 0}
 .muted{color:var(--muted)}
-section.run{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:18px 0}
-h2{font-size:22px;margin:0 0 4px}
+section.run{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:18px 0;min-width:0;overflow-wrap:break-word}
+li,p{overflow-wrap:anywhere}
+h2{font-size:22px;margin:0 0 4px;overflow-wrap:anywhere}
 h3{font-size:17px;margin:22px 0 8px;border-bottom:1px solid var(--line);padding-bottom:3px}
 .verdict{border-left:10px solid var(--ok);background:#ebfbee;padding:12px 16px;border-radius:6px}
 .verdict.sev-critical{border-color:var(--crit);background:#fff0f1}
@@ -39,33 +49,44 @@ h3{font-size:17px;margin:22px 0 8px;border-bottom:1px solid var(--line);padding-
 .verdict.sev-critical .status{color:var(--crit)}.verdict.sev-error .status{color:var(--err)}
 .verdict.sev-warning .status{color:var(--warn)}.verdict.sev-ok .status{color:var(--ok)}
 .verdict .line{font-size:17px;font-weight:600;margin:4px 0 10px}
-.verdict dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
-.verdict dt{font-weight:700}.verdict dd{margin:0}
+.verdict dl{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 14px;margin:0}
+.verdict dt{font-weight:700}.verdict dd{margin:0;overflow-wrap:anywhere}
 .restart{font-weight:700}
 .chip{display:inline-block;border-radius:4px;padding:0 6px;margin:2px 4px 2px 0;font:600 13px ui-monospace,Menlo,Consolas,monospace;color:#fff}
 .sev-bg-critical{background:var(--crit)}.sev-bg-error{background:var(--err)}.sev-bg-warning{background:var(--warn)}.sev-bg-info{background:var(--info)}
 code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
 table{border-collapse:collapse;width:100%;margin:6px 0}
-th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
+th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
 th{background:#f1f3f5;font-weight:700}
+td.mono{overflow-wrap:anywhere}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-figure{margin:8px 0 14px}
-figure img{display:block;width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
-figcaption{font-size:13px;color:var(--muted)}
-.finding{border:1px solid var(--line);border-left:6px solid var(--info);border-radius:6px;padding:8px 12px;margin:10px 0}
+.finding{border:1px solid var(--line);border-left:6px solid var(--info);border-radius:6px;padding:8px 12px;margin:10px 0;overflow-wrap:anywhere}
 .finding.sev-critical{border-left-color:var(--crit)}.finding.sev-error{border-left-color:var(--err)}
 .finding.sev-warning{border-left-color:var(--warn)}
 .finding h4{margin:0 0 4px;font-size:15px}
 .finding .summary{font-weight:600}
 .finding table{font-size:13px;width:auto;min-width:40%}
-.bar{position:relative;height:12px;background:#f1f3f5;border-radius:3px;min-width:80px}
-.scroll{overflow-x:auto}
+table.timeline{table-layout:auto}
+table.timeline td.sig{min-width:10.5em}
+table.timeline td.sig>code{display:block}
+table.timeline td.sig .chip{font-size:11px;padding:0 4px}
+table.timeline td.sig .metric{display:block;color:var(--muted);font-size:12px}
+table.timeline td.summary{min-width:15em;width:45%}
+td.wall{font-size:13px;min-width:9.5em}
+td.span{min-width:70px;width:12%}
+.bar{position:relative;height:12px;background:#f1f3f5;border-radius:3px;margin-top:4px;overflow:hidden}
 .bar span{position:absolute;top:0;bottom:0;border-radius:3px;min-width:3px}
+table.compare th,table.compare td{padding:4px 6px}
+table.compare td.name{min-width:11em;max-width:24em}
+table.compare td.name a{display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:3;line-clamp:3;overflow:hidden}
+table.compare td.path{overflow-wrap:anywhere;min-width:7em}
+pre{white-space:pre-wrap;overflow-wrap:anywhere}
 details{margin:6px 0}
 summary{cursor:pointer;color:var(--muted)}
 .damage{color:var(--err)}
-td.wall{white-space:nowrap;font-size:13px}
 """
+_PAGE_CSS = "body{margin:0;background:#f4f5f7}"
+
 
 _SEV_CLASS = {
     Severity.CRITICAL: "critical",
@@ -124,27 +145,24 @@ def _verdict(sm: RunSummary, idx: int) -> list[str]:
     return out
 
 
-def _plots(run: RunReport, idx: int) -> list[str]:
+def _plots(run: RunReport, idx: int, static: bool) -> list[str]:
+    """The run's charts (one shared x axis); a figure without finite points at two steps is said in words."""
     try:
-        from autopsy.report.plots import run_plots
+        from autopsy.report._chart_html import figure_html
+        from autopsy.report.plots import render_plot, run_specs
 
-        plots = run_plots(run, fmt="svg")
+        specs = run_specs(run)
+        figs = [figure_html(s, idx, render_plot(s) if static else None) for s in specs if s.drawable]
     except Exception as exc:
         return ["<h3>Plots</h3>", f'<p class="damage">plots unavailable: {_e(type(exc).__name__)}: {_e(exc)}</p>']
-    if not plots:
+    if not specs:
         return []
-    out = ["<h3>Plots</h3>"]
-    for p in plots:
-        notes = "; ".join(p.notes)
-        out.append(
-            f'<figure id="plot-{idx}-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" src="{p.data_uri()}" '
-            f'alt="{_e(p.alt)}" width="900" height="320">'
-            f"<figcaption>{_e(p.title)}{': ' + _e(notes) if notes else ''}</figcaption></figure>"
-        )
-    return out
+    skipped = [f'<p class="ac-skipped">{_e(s.not_drawn())}</p>' for s in specs if not s.drawable]
+    return ["<h3>Plots</h3>", *figs, *skipped]
 
 
-def _timeline(sm: RunSummary) -> list[str]:
+def _timeline(sm: RunSummary, idx: int) -> list[str]:
+    """The findings in the order they happened; the lead's summary is the verdict's."""
     findings = sm.timeline
     if not findings:
         return []
@@ -153,9 +171,9 @@ def _timeline(sm: RunSummary) -> list[str]:
     has_wall = not walls.empty
     out = [
         "<h3>Timeline</h3>",
-        '<div class="scroll"><table class="timeline"><thead><tr><th>step</th>'
+        '<table class="timeline"><thead><tr><th>step</th>'
         + ("<th>wall time</th>" if has_wall else "")
-        + "<th>severity</th><th>signature</th><th>metric</th><th>summary</th><th>span</th></tr></thead><tbody>",
+        + "<th>finding</th><th>summary</th><th>span</th></tr></thead><tbody>",
     ]
     for f in findings:
         bar = ""
@@ -167,17 +185,22 @@ def _timeline(sm: RunSummary) -> list[str]:
                 f'<div class="bar"><span class="sev-bg-{_SEV_CLASS[f.severity]}" '
                 f'style="left:{left:.1f}%;width:{width:.1f}%"></span></div>'
             )
-        wall = f"<td class='wall'>{_e(format_wall(f.step, walls))}</td>" if has_wall else ""
+        wall = f'<td class="wall">{_e(format_wall(f.step, walls))}</td>' if has_wall else ""
+        sev = _SEV_CLASS[f.severity]
+        metric = f'<code class="metric">{_wbr(f.metric)}</code>' if f.metric else ""
+        summary = f'<a href="#verdict-{idx}">the verdict</a>' if f is sm.lead else _e(f.summary)
         out.append(
-            f'<tr><td class="num">{_e(step_range(f))}</td>{wall}<td>{_e(f.severity)}</td>'
-            f"<td><code>{_e(f.signature)}</code></td><td><code>{_e(f.metric or '')}</code></td>"
-            f"<td>{_e(f.summary)}</td><td>{bar}</td></tr>"
+            f'<tr class="sev-{sev}"><td class="num">{_e(step_range(f))}</td>{wall}'
+            f'<td class="sig"><span class="chip sev-bg-{sev}">{_e(f.severity)}</span> <code>{_wbr(f.signature)}</code>'
+            f'{metric}</td><td class="summary">{summary}</td><td class="span">{bar}</td></tr>'
         )
-    out.append("</tbody></table></div>")
+    out.append("</tbody></table>")
     return out
 
 
-def _finding(f: Finding, idx: int, j: int) -> list[str]:
+def _finding(sm: RunSummary, f: Finding, idx: int, j: int) -> list[str]:
+    """One finding's card: its heading, the cause and fix not said yet (the lead's are in the verdict, a finding of
+    the lead's own event shares them), and its evidence. Its summary is the timeline's row."""
     sev = _SEV_CLASS[f.severity]
     where = f" at step {step_range(f)}" if f.step is not None else ""
     out = [
@@ -185,17 +208,20 @@ def _finding(f: Finding, idx: int, j: int) -> list[str]:
         f'<h4><span class="chip sev-bg-{sev}">{_e(f.severity)}</span><code>{_e(f.signature)}</code>{_e(where)}'
         + (f' <span class="muted">on <code>{_e(f.metric)}</code></span>' if f.metric else "")
         + "</h4>",
-        f'<div class="summary">{_e(f.summary)}</div>',
     ]
-    if f.cause:
-        out.append(f"<div><b>Cause:</b> {_e(f.cause)}</div>")
-    if f.fix:
-        out.append(f"<div><b>Fix:</b> {_e(f.fix)}</div>")
+    cause, fix = sm.advice_of(f)
+    if cause:
+        out.append(f"<div><b>Cause:</b> {_e(cause)}</div>")
+    if fix:
+        out.append(f"<div><b>Fix:</b> {_e(fix)}</div>")
     if f.evidence:
         rows = "".join(
-            f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items()
+            f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items()
         )
-        out.append(f"<details><summary>evidence ({len(f.evidence)} values)</summary><table>{rows}</table></details>")
+        out.append(
+            f'<details class="evidence"><summary>evidence ({len(f.evidence)} values)</summary><table>{rows}</table>'
+            "</details>"
+        )
     out.append("</article>")
     return out
 
@@ -204,7 +230,10 @@ def _replay(sm: RunSummary) -> list[str]:
     found = sm.replay
     if not found:
         return []
-    out = ["<h3>Replay</h3>", "<table><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>"]
+    out = [
+        "<h3>Replay</h3>",
+        '<table class="replay evidence"><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>',
+    ]
     for f in found:
         ev = "<br>".join(f"<b>{_e(k)}</b>: <code>{_val(v)}</code>" for k, v in replay_evidence(f).items())
         out.append(
@@ -223,7 +252,9 @@ def _config(sm: RunSummary) -> list[str]:
     if cfg:
         out.append(
             "<table>"
-            + "".join(f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in cfg.items())
+            + "".join(
+                f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in cfg.items()
+            )
             + "</table>"
         )
     if full:
@@ -269,11 +300,15 @@ def _sources(run: RunReport) -> list[str]:
     notes = list(getattr(info, "notes", []) or []) if info is not None else []
     if notes:
         out.append("<p><b>Skipped while reading:</b></p><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
-    if run.skipped:
+    if run.skipped:  # one line per reason: "no train/grad_norm in this run" said once for all its detectors
+        by_reason: dict[str, list[str]] = {}
+        for sk in run.skipped:
+            by_reason.setdefault(str(sk.get("reason", "")), []).append(str(sk.get("detector", "")))
         out.append(
-            f"<details><summary>detectors skipped ({len(run.skipped)})</summary><ul>"
+            f'<details class="skipped"><summary>detectors skipped ({len(run.skipped)})</summary><ul>'
             + "".join(
-                f"<li><code>{_e(s.get('detector', ''))}</code>: {_e(s.get('reason', ''))}</li>" for s in run.skipped
+                f"<li>{', '.join(f'<code>{_e(d)}</code>' for d in names)}: {_e(reason)}</li>"
+                for reason, names in by_reason.items()
             )
             + "</ul></details>"
         )
@@ -288,23 +323,90 @@ def _sources(run: RunReport) -> list[str]:
     return out
 
 
+def _wbr(text: str) -> str:
+    """Escaped, with a line-break opportunity after each ``/``, ``_``, ``.`` and a ``-`` before a digit (where a
+    browser would not break by itself), so a long run name or path wraps at its parts, not at every letter."""
+    return re.sub(r"([/_.]|-(?=\d))(?=.)", r"\1<wbr>", _e(text))
+
+
 def _comparison(fleet: FleetSummary) -> list[str]:
     rows = fleet.rows()
     cols = list(rows[0])
     out = [
-        f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table><thead><tr>'
-        + "".join(f"<th>{_e(c)}</th>" for c in cols)
-        + "</tr></thead><tbody>"
+        f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table class="compare">'
+        "<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"
     ]
     for i, r in enumerate(rows):
-        cells = [f'<td><a href="#run-{i}">{_e(r["run"])}</a></td>'] + [f"<td>{_e(r[c])}</td>" for c in cols[1:]]
+        cells = [f'<td class="name" title="{_e(r["run"])}"><a href="#run-{i}">{_wbr(r["run"])}</a></td>']
+        cells += [
+            f'<td class="path">{_wbr(r[c])}</td>' if c in ("restart", "lead") else f"<td>{_e(r[c])}</td>"
+            for c in cols[1:]
+        ]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></section>")
     return out
 
 
-def render_html(report: Report, *, plots: bool = True, title: str | None = None) -> str:
+def _scope(css: str, root: str = _ROOT) -> str:
+    """Every rule of ``css`` (flat rules, no @-blocks) limited to ``root``: ``:root`` and ``body`` become ``root``
+    itself, so the report's style cannot leak into a notebook around it."""
+    out = []
+    for sel, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        parts = [p.strip() for p in sel.split(",")]
+        out.append(",".join(root if p in (":root", "body") else f"{root} {p}" for p in parts) + "{" + body + "}")
+    return "\n".join(out)
+
+
+def _body(report: Report, *, plots: bool, static: bool) -> tuple[str, str, bool]:
+    """``(scoped css, inner html, has charts)`` of the report."""
+    from autopsy.report._chart_html import CHART_CSS
+
+    body: list[str] = [
+        '<header class="top"><h1>autopsy report</h1>',
+        f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>',
+    ]
+    if not report.runs:
+        body.append('<p class="muted">no run found</p>')
+    fleet = summarize_fleet(report)
+    body += fleet_findings_html(report)
+    if len(report.runs) > 1:
+        body += _comparison(fleet)
+        body += small_multiples_html(report, fleet)
+    plots = plots and not getattr(report, "frames_dropped", False)  # a fleet's runs keep a digest, not their series
+    css = _CSS + CHART_CSS + (FLEET_CSS if hasattr(report, "fleet_findings") else "")
+    for i, sm in enumerate(fleet.runs):
+        run = sm.run
+        body.append(f'<section class="run" id="run-{i}"><h2>{_e(run.run)}</h2>')
+        body += _verdict(sm, i)
+        if plots:
+            body += _plots(run, i, static)
+        body += _timeline(sm, i)
+        if sm.findings:
+            body.append("<h3>Findings</h3>")
+            for j, f in enumerate(sm.findings):
+                body += _finding(sm, f, i, j)
+        body += _replay(sm)
+        body += ['<div class="config">', *_config(sm), "</div>", '<div class="sources">', *_sources(run), "</div>"]
+        body.append("</section>")
+    inner = "\n".join(body)
+    return _scope(css), inner, 'class="ac-fig"' in inner
+
+
+def render_html_body(report: Report, *, plots: bool = True, static_plots: bool = True) -> str:
+    """The report without the page around it: one ``<div class="autopsy">`` with its own scoped ``<style>`` and,
+    when it has charts, the charting ``<script>`` (a notebook's ``_repr_html_``). ``static_plots=False`` leaves
+    out the SVG each chart shows before (or without) the script: smaller and faster, blank where scripts are off."""
+    from autopsy.report._chart_html import CHART_JS
+
+    css, inner, charts = _body(report, plots=plots, static=static_plots)
+    script = f"<script>{CHART_JS}</script>\n" if charts else ""
+    return f'<div class="autopsy">\n<style>{css}</style>\n<main>\n{inner}\n</main>\n{script}</div>\n'
+
+
+def render_html(report: Report, *, plots: bool = True, title: str | None = None, static_plots: bool = True) -> str:
     """The report as one self-contained HTML page (``plots=False`` leaves the figures out)."""
+    from autopsy.report._chart_html import CHART_JS, SCRIPT_HASH
+
     names = ", ".join(r.run for r in report.runs) or "no run"
     worst = report.worst
     head_status = (
@@ -313,35 +415,13 @@ def render_html(report: Report, *, plots: bool = True, title: str | None = None)
         else ("problems found" if worst is not None and worst >= Severity.WARNING else "healthy")
     )
     page_title = title or f"autopsy: {head_status}: {names}"
-    body: list[str] = [
-        '<header class="top"><h1>autopsy report</h1>',
-        f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>',
-    ]
-    if not report.runs:
-        body.append('<p class="muted">no run found</p>')
-    fleet = summarize_fleet(report)
-    if len(report.runs) > 1:
-        body += _comparison(fleet)
-    for i, sm in enumerate(fleet.runs):
-        run = sm.run
-        body.append(f'<section class="run" id="run-{i}"><h2>{_e(run.run)}</h2>')
-        body += _verdict(sm, i)
-        if plots:
-            body += _plots(run, i)
-        body += _timeline(sm)
-        if sm.findings:
-            body.append("<h3>Findings</h3>")
-            for j, f in enumerate(sm.findings):
-                body += _finding(f, i, j)
-        body += _replay(sm)
-        body += _config(sm)
-        body += _sources(run)
-        body.append("</section>")
+    css, inner, charts = _body(report, plots=plots, static=static_plots)
+    csp = CSP + (f"; script-src {SCRIPT_HASH}" if charts else "")
+    script = f"<script>{CHART_JS}</script>\n" if charts else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(page_title)}</title>\n<style>{_CSS}</style>\n</head>\n<body><main>\n"
-        + "\n".join(body)
-        + "\n</main></body></html>\n"
+        f"<title>{_e(page_title)}</title>\n<style>{_PAGE_CSS}\n{css}</style>\n</head>\n"
+        f'<body><div class="autopsy"><main>\n{inner}\n</main>\n{script}</div></body></html>\n'
     )

@@ -68,11 +68,18 @@ def report_to_dict(report: Report) -> dict[str, Any]:
                 "eval_steps": info.eval_steps,
                 "save_steps": info.save_steps,
                 "checkpoints": {str(k): v for k, v in sorted(info.checkpoints.items())},
+                "bad_checkpoints": {str(k): v for k, v in sorted(info.bad_checkpoints.items())},
                 "damage": [d.to_dict() for d in info.damage],
                 "notes": info.notes,
+                "in_progress": info.in_progress,
             }
         runs.append(entry)
-    return {"autopsy_version": report.version, "summary": {"runs": len(runs), **fleet.counts}, "runs": runs}
+    out: dict[str, Any] = {"autopsy_version": report.version, "summary": {"runs": len(runs), **fleet.counts}}
+    fleet_findings = getattr(report, "fleet_findings", None)  # a fleet's report (autopsy.fleet): first, before the runs
+    if fleet_findings is not None:
+        out["fleet_findings"] = [f.to_dict() for f in fleet_findings]
+    out["runs"] = runs
+    return out
 
 
 def render_json(report: Report) -> str:

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 
 from autopsy.findings import Report, RunReport
-from autopsy.report._format import format_evidence, format_value, format_wall, replay_evidence, step_range
-from autopsy.report.summary import RunSummary, display_path, summarize_fleet
+from autopsy.report._format import format_value, format_wall, replay_evidence, step_range
+from autopsy.report.summary import RunSummary, summarize_fleet
 
 __all__ = ["render_markdown"]
 
@@ -69,67 +69,64 @@ def _verdict(sm: RunSummary) -> list[str]:
     return lines
 
 
-def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
-    run = sm.run
-    lines = [f"## {_cell(run.run)}", "", *_verdict(sm)]
-    lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(display_path(run.path))}", ""]
-    if plots_dir is not None:
-        lines += _plots(run, idx, plots_dir, plots_link)
-    findings = sm.findings
-    if findings:
+def _findings(sm: RunSummary) -> list[str]:
+    """The timeline (the lead's row points at the verdict) and each finding's evidence, with the advice not yet said."""
+    if not sm.findings:
+        return []
+    lines = [
+        "### Timeline",
+        "",
+        "| step | wall time | severity | signature | metric | summary |",
+        "|---:|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {step_range(f)} | {format_wall(f.step, sm.walls)} | {f.severity} | `{f.signature}` | "
+        f"{_code(f.metric) if f.metric else ''} | {'*the verdict*' if f is sm.lead else _cell(f.summary)} |"
+        for f in sm.timeline
+    ]
+    lines += ["", "### Evidence", ""]
+    for f in sm.findings:
+        cause, fix = sm.advice_of(f)
         lines += [
-            "### Timeline",
+            f"#### `{f.signature}` ({f.severity})" + (f" at step {step_range(f)}" if f.step is not None else ""),
             "",
-            "| step | wall time | severity | signature | metric | summary |",
-            "|---:|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {step_range(f)} | {format_wall(f.step, sm.walls)} | {f.severity} | `{f.signature}` | "
-            f"{_code(f.metric) if f.metric else ''} | {_cell(f.summary)} |"
-            for f in sm.timeline
-        ]
+        evidence = replay_evidence(f) if f in sm.replay else f.evidence  # a replay's contract keys first
+        lines += (
+            [f"- {_cell('; '.join(f'{k}={format_value(v)}' for k, v in list(evidence.items())[:30]))}"]
+            if evidence
+            else []
+        )
+        lines += [f"- **Cause:** {_cell(cause)}"] if cause else []
+        lines += [f"- **Fix:** {_cell(fix)}"] if fix else []
         lines.append("")
-        lines += ["### Findings", ""]
-        for f in findings:
-            lines += [
-                f"#### `{f.signature}` ({f.severity})" + (f" at step {step_range(f)}" if f.step is not None else ""),
-                "",
-                _cell(f.summary),
-                "",
-            ]
-            if f.evidence:
-                lines += [f"- **Evidence:** {_cell(format_evidence(f, limit=30))}"]
-            if f.cause:
-                lines += [f"- **Cause:** {_cell(f.cause)}"]
-            if f.fix:
-                lines += [f"- **Fix:** {_cell(f.fix)}"]
-            lines.append("")
-    replay = sm.replay
-    if replay:
-        lines += ["### Replay", "", "| signature | step | evidence |", "|---|---:|---|"]
-        lines += [
-            f"| `{f.signature}` | {step_range(f)} | "
-            + _cell("; ".join(f"{k}={format_value(v)}" for k, v in replay_evidence(f).items()))
-            + " |"
-            for f in replay
-        ]
-        lines.append("")
-    cfg = sm.config
-    if cfg:
-        lines += ["### Config", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {_cell(k)} | {_cell(format_value(v))} |" for k, v in cfg.items()]
-        lines.append("")
+    return lines
+
+
+def _config(sm: RunSummary) -> list[str]:
+    if not sm.config:
+        return []
+    lines = ["### Config", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {_cell(k)} | {_cell(format_value(v))} |" for k, v in sm.config.items()]
+    return [*lines, ""]
+
+
+def _reading(run: RunReport) -> list[str]:
+    """What reading the run's files met (damage, notes), the detectors skipped and any detector error."""
     info = run.info
-    damage = list(getattr(info, "damage", []) or []) if info is not None else []
-    notes = list(getattr(info, "notes", []) or []) if info is not None else []
+    damage = list(info.damage) if info is not None else []
+    notes = list(info.notes) if info is not None else []
+    lines: list[str] = []
     if damage or notes:
         lines += ["### Sources read", ""]
         lines += [
-            f"- **damaged:** {_code(d.file)} at offset {d.offset}: {_cell(d.problem)}"
+            f"- **damaged:** {_code(d.file)}"
+            + (f" at offset {d.offset}" if d.offset is not None else "")
+            + f": {_cell(d.problem)}"
             + (f" (salvaged: {_cell(d.salvaged)})" if d.salvaged else "")
             for d in damage
         ]
-        lines += [f"- skipped: {_cell(n)}" for n in notes]
+        lines += [f"- note: {_cell(n)}" for n in notes]
         lines.append("")
     if run.skipped:
         lines += ["<details><summary>Skipped detectors</summary>", ""]
@@ -138,8 +135,18 @@ def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> l
     if run.errors:
         lines += [
             f"- **detector error:** {_cell(e.get('detector', ''))}: {_cell(e.get('error', ''))}" for e in run.errors
-        ] + [""]
+        ]
+        lines.append("")
     return lines
+
+
+def _run(sm: RunSummary, idx: int, plots_dir: Path | None, plots_link: str) -> list[str]:
+    run = sm.run
+    lines = [f"## {_cell(run.run)}", "", *_verdict(sm)]
+    lines += [f"Sources: {_cell(', '.join(run.sources) or 'none')} — {_code(sm.location)}", ""]
+    if plots_dir is not None:
+        lines += _plots(run, idx, plots_dir, plots_link)
+    return lines + _findings(sm) + _config(sm) + _reading(run)
 
 
 def render_markdown(report: Report, *, plots_dir: str | Path | None = None, plots_link: str | None = None) -> str:

@@ -16,8 +16,9 @@ import pandas as pd
 
 from autopsy.checkpoints import restart_point
 from autopsy.findings import Finding, Report, RunReport, Severity, finding_order
+from autopsy.frame import wall_seconds
 from autopsy.series import series
-from autopsy.signatures import SIGNATURES
+from autopsy.signatures import NONFINITE, SIGNATURES
 
 __all__ = ["KEY_CONFIG", "STATUSES", "FleetSummary", "RunSummary", "display_path", "summarize", "summarize_fleet"]
 
@@ -67,6 +68,7 @@ class RunSummary:
     config: dict[str, Any] = field(default_factory=dict)  # the settings an engineer reads first
     final_train_loss: float | None = None
     best_eval_loss: float | None = None
+    advice: dict[int, tuple[str, str]] = field(default_factory=dict)  # id(finding) -> (cause, fix) still to say
 
     @property
     def word(self) -> str:
@@ -80,14 +82,25 @@ class RunSummary:
     @property
     def verdict(self) -> str:
         """One line: did the run fail, and how."""
+        live = self.run.info is not None and self.run.info.in_progress
         if self.lead is None:
-            return (
-                "no training metrics: cannot judge"
-                if self.status == "no_data"
-                else "healthy: nothing at warning or above"
-            )
+            if self.status == "no_data":
+                return "no training metrics: cannot judge" + (" yet (the run is still being written)" if live else "")
+            return "healthy so far: the run is still being written" if live else "healthy: nothing at warning or above"
         where = f" at step {self.lead.step}" if self.lead.step is not None else ""
-        return f"{self.word}: {self.lead.signature}{where}: {self.lead.summary}"
+        return f"{self.word}{' (in progress)' if live else ''}: {self.lead.signature}{where}: {self.lead.summary}"
+
+    @property
+    def location(self) -> str:
+        """Where the run was read from, as a person wants it: its one file, else its directory."""
+        files = self.run.info.files if self.run.info is not None else []
+        return display_path(files[0] if len(files) == 1 else self.run.path)
+
+    def advice_of(self, f: Finding) -> tuple[str, str]:
+        """The cause and fix to print beside ``f`` ('' for each already said): the lead's are in the verdict, a
+        finding of the lead's own event (the NaN it made, the weights it poisoned) shares them, and a clause said
+        once by a more severe finding is not said again."""
+        return self.advice.get(id(f), ("", ""))
 
     @property
     def timeline(self) -> list[Finding]:
@@ -145,8 +158,9 @@ def _walls(run: RunReport) -> pd.Series:
     frame = run.frame
     if frame is None or frame.empty:
         return pd.Series([], dtype=np.float64)
-    rows = frame[np.isfinite(frame["wall_time"].to_numpy(dtype=float))]
-    return rows.groupby("step", sort=True)["wall_time"].min()
+    walls = wall_seconds(frame)
+    timed = np.isfinite(walls)
+    return pd.Series(walls[timed], index=frame["step"].to_numpy()[timed]).groupby(level=0, sort=True).min()
 
 
 def _last_finite(frame: pd.DataFrame | None, metric: str, how: str) -> float | None:
@@ -171,6 +185,41 @@ def _config(run: RunReport) -> dict[str, Any]:
     return out
 
 
+# one event seen several ways: a non-finite update in the loss, the norm and the weights; a death in its traceback
+# and in the run's early end
+_ROOTS = ({*NONFINITE, "weights_nonfinite", "nonfinite_origin"}, {"crash", "abrupt_end"})
+
+
+def _same_root(f: Finding, lead: Finding | None) -> bool:
+    return (
+        lead is not None
+        and f.step is not None
+        and lead.step is not None
+        and f.step >= lead.step
+        and any(f.signature in group and lead.signature in group for group in _ROOTS)
+    )
+
+
+def _clauses(text: str | None) -> list[str]:
+    return [c.strip() for c in (text or "").split("; ") if c.strip()]
+
+
+def _advice(findings: list[Finding], lead: Finding | None) -> dict[int, tuple[str, str]]:
+    """What each finding still has to say after the ones before it (most severe first), clause by clause."""
+    said = set(_clauses(lead.cause) + _clauses(lead.fix)) if lead is not None else set()
+    out: dict[int, tuple[str, str]] = {}
+    for f in findings:
+        if f is lead or _same_root(f, lead):
+            continue
+        fresh = []
+        for text in (f.cause, f.fix):
+            new = [c for c in _clauses(text) if c not in said]
+            said.update(new)
+            fresh.append("; ".join(new))
+        out[id(f)] = (fresh[0], fresh[1])
+    return out
+
+
 def summarize(run: RunReport) -> RunSummary:
     """The :class:`RunSummary` of one run."""
     findings = run.sorted_findings()
@@ -192,6 +241,7 @@ def summarize(run: RunReport) -> RunSummary:
         config=_config(run),
         final_train_loss=_last_finite(run.frame, "train/loss", "last"),
         best_eval_loss=_last_finite(run.frame, "eval/loss", "min"),
+        advice=_advice(findings, lead),
     )
 
 
