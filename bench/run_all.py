@@ -1,6 +1,6 @@
 """Run every benchmark in turn; each writes its own RESULTS.md beside it.
 
-    .venv/bin/python bench/run_all.py [tensorboard detectors replay fleet reliability]
+    .venv/bin/python bench/run_all.py [real tensorboard detectors replay fleet reliability console]
 
 Benchmarks measure whole processes on this machine (medians, ratios against the peer measured in the
 same run); they are never asserted in the unit tests.
@@ -14,11 +14,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {
+    "real": [HERE / "real" / "run.py"],
     "tensorboard": [HERE / "tensorboard" / "bench_tb.py"],
     "detectors": [HERE / "detectors" / "run.py"],
     "replay": [HERE / "replay" / "bench_localize.py"],
     "fleet": [HERE / "fleet" / "bench_fleet.py"],
     "reliability": [HERE / "reliability" / "run.py"],
+    "console": [HERE / "console" / "run.py", "--no-before"],
 }
 
 

@@ -88,7 +88,7 @@ def epoch_boundary_drop(
 ) -> list[Finding]:
     """The train loss steps down at each epoch start: the model memorised the samples it has seen.
 
-    Signature: at most epoch boundaries (at least 2 of them, or the only one), the median loss of the logs just after
+    Signature: at half or more of the epoch boundaries (at least 2 of them, or the only one), the median loss of the logs just after
     the boundary is more than `min_drop` (5%) below the median just before, more than `ratio` (2x) the decline over
     the same number of logs just before it, and more than `sigmas` (3) standard errors of that difference (a median
     of k per-batch losses moves by about 1.25 sigma/sqrt(k): with a handful of noisy logs per side, a boundary

@@ -322,7 +322,9 @@ def sparse_eval(
 
     Signature: the run has eval losses but fewer than `min_points` of them, or its eval cadence (eval_steps from the
     config, else the median gap) is more than `max_gap_share` (25%) of the run. Warning when the run trained for 2
-    or more epochs (where overfitting is likely), info otherwise. A run with no eval at all is config_risk's.
+    or more epochs (where overfitting is likely) and its last eval is not its best (the best model may lie between
+    two evals); info otherwise: an eval loss still at its best at the last eval has missed nothing yet. A run with
+    no eval at all is config_risk's.
     Likely causes: eval_steps too large, eval_strategy="epoch" on a 1-3 epoch run.
     What to check next: evaluate every 5-10% of training (eval_steps = max_steps / 10 to / 20).
     """
@@ -340,6 +342,8 @@ def sparse_eval(
     wide_gap = total > 0 and gap > max_gap_share * total
     if not (few or wide_gap):
         return []
+    fin = e[np.isfinite(e.to_numpy(dtype=np.float64))]
+    still_best = bool(len(fin) and fin.iloc[-1] <= fin.min())
     ep = series(frame, "train/epoch", finite=True)
     epochs = (
         float(ep.iloc[-1])
@@ -349,7 +353,7 @@ def sparse_eval(
     return [
         Finding(
             signature="sparse_eval",
-            severity=Severity.WARNING if epochs >= 2 else Severity.INFO,
+            severity=Severity.WARNING if epochs >= 2 and not still_best else Severity.INFO,
             step=None,
             metric=evals[0],
             summary=f"only {len(e)} eval point(s) over {total} steps (one every ~{gap:.0f} steps): overfitting would be seen late or not at all",

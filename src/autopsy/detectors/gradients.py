@@ -53,6 +53,7 @@ def _exploding_finding(
     last: int,
     sustained: bool,
     summary: str,
+    isolated: bool = False,
 ) -> Finding:
     climb = evidence.get("climb_start_step")
     if climb is not None:
@@ -62,11 +63,11 @@ def _exploding_finding(
     evidence["max_grad_norm"] = clip_threshold(frame, info)[0]
     return Finding(
         signature="exploding_gradients",
-        severity=Severity.ERROR if sustained else Severity.WARNING,
+        severity=Severity.ERROR if sustained else (Severity.INFO if isolated else Severity.WARNING),
         step=first,
         end_step=last,
         metric="train/grad_norm",
-        summary=summary + (" and stayed high" if sustained else ""),
+        summary=summary + (" and stayed high" if sustained else " on isolated logs, back at once" if isolated else ""),
         evidence=evidence,
         cause="learning rate too high, a bad batch, or an overflow; clipping keeps the update bounded but not the cause",
         fix=", ".join(x for x in ("lower the LR", clip_clause(info), "inspect the batch at the first high step") if x),
@@ -117,6 +118,7 @@ def exploding_gradients(
     baseline_share: float = 0.25,
     min_points: int = 6,
     jump: float = 100.0,
+    isolated_points: int = 2,
 ) -> list[Finding]:
     """The grad norm jumps or climbs far above its post-warmup baseline.
 
@@ -124,8 +126,10 @@ def exploding_gradients(
     post-warmup logs. Healthy fine-tuning runs see the norm drift up a few times as the loss falls; 10x is outside
     that. Or, in a log of any length and any phase: the norm leaps `jump` (100x) above the median of the logs before
     it on two logs in a row, or `jump`^2 (10,000x) on one; a single hundredfold log is one bad batch that clipping
-    absorbs. Sustained to the end of the run: error; a burst the run recovered from: warning. Before a NaN, this is
-    folded into the NaN finding as its precursor.
+    absorbs. Sustained to the end of the run: error; a burst the run recovered from: warning; no more than
+    `isolated_points` (2) logs over 10x, each back at the baseline on the next log, are single hard batches (a
+    gradient spike that clipping absorbs, common in any long run): an info note. Before a NaN, this is folded into
+    the NaN finding as its precursor.
     Likely causes: learning rate too high, a bad batch, low precision overflow, clipping off.
     What to check next: max_grad_norm (is clipping on?), the LR at the first step, the batch at that step.
     """
@@ -163,6 +167,7 @@ def exploding_gradients(
             "first": int(steps[first]),
             "last": int(steps[int(ends[-1]) - 1]),
             "sustained": sustained,
+            "isolated": not sustained and int(high.sum()) <= isolated_points and bool(np.all(ends - starts == 1)),
         }
         return [_exploding_finding(frame, info, evidence, summary=summary, **span)]
     return _leap_finding(frame, info, jump)
@@ -183,8 +188,9 @@ def vanishing_gradients(
     Signature: over the last half of the run the median grad norm is below `abs_floor` (1e-5: a trainable model's
     global norm is orders above it, even for LoRA) or below `collapse` (1/1000) of its early median, while the loss
     stays above a third of its starting level (not converged to ~0). Or: the norm is exactly 0.0 on `zero_share` (90%)
-    of the logs or more, whatever the loss does (an RL loss included): no gradient reaches the weights at all. Zeros
-    interleaved with normal norms (under half the logs) are a reporting artefact, not this.
+    of the logs or more, whatever the loss does (an RL loss included): no gradient reaches the weights at all. Exact
+    zeros interleaved with normal norms (below `zero_share`, and not a block of `min_points` or more ending the run)
+    are a reporting artefact and are set aside before the medians are taken.
     Likely causes: frozen or detached parameters, an adapter not attached, a loss computed without grad, labels
     all masked.
     What to check next: the count of trainable parameters; that the adapter wraps the model; requires_grad.
@@ -195,11 +201,13 @@ def vanishing_gradients(
         return []
     v = reduce_points(g, max_points=20_000).to_numpy(dtype=np.float64)
     lv = reduce_points(loss, max_points=20_000).to_numpy(dtype=np.float64)
-    late = float(np.median(v[v.size // 2 :]))
-    early = float(np.median(v[: max(2, v.size // 10)]))
+    all_zero = float((v == 0.0).mean()) >= zero_share and not (lv == 0.0).all()
+    trailing = v.size - (int(np.flatnonzero(v != 0.0)[-1]) + 1 if (v != 0.0).any() else 0)
+    judged = v if all_zero or trailing >= min_points else v[v != 0.0]  # interleaved zeros set aside
+    late = float(np.median(judged[judged.size // 2 :]))
+    early = float(np.median(judged[: max(2, judged.size // 10)]))
     tenth = max(2, lv.size // 10)
     loss_start, loss_end = float(np.median(lv[:tenth])), float(np.median(lv[-tenth:]))
-    all_zero = float((v == 0.0).mean()) >= zero_share and not (lv == 0.0).all()
     if not all_zero:
         if loss_end == 0.0 or not abs(loss_start) > 0:
             return []  # a 0.0 loss is loss_zero_collapse's finding

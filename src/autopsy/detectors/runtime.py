@@ -221,7 +221,9 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
     before `early_share` (90%) of max_steps with no early stopping to explain it (an eval loss that stopped improving
     for its last evals); or a console log's last progress counter stops short of its total
     (``[83264/97631]``) with no error and no final record: the job was killed silently (a warning: a log can also be
-    cut). No NaN at the end (the NaN detectors explain those). A checkpoint's trainer_state.json saved mid-run is
+    cut). A run known only from console logs that stops short of a printed plan with no error is a warning for the
+    same reason (a pasted or tailed log ends where the copy ended); a crash, or a structured source, makes it an
+    error. No NaN at the end (the NaN detectors explain those). A checkpoint's trainer_state.json saved mid-run is
     not an end, and neither is the last log of a run still being written (RunInfo.in_progress).
     Likely causes: OOM, preemption, a kill by the scheduler or the host's OOM killer, a time limit.
     What to check next: the crash evidence or the scheduler's log; resume from the last checkpoint.
@@ -266,6 +268,13 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
         ]
     if last is None and c is None:
         return []
+    return [_stopped_short(info, c, last, planned, short=short)]
+
+
+def _stopped_short(
+    info: RunInfo, c: dict[str, Any] | None, last: int | None, planned: int | None, *, short: bool
+) -> Finding:
+    """The abrupt_end finding of a run that crashed, or stopped short of its plan with no final record."""
     evidence: dict[str, Any] = {"last_step": last, "max_steps": planned}
     if planned is not None and not info.max_steps:
         evidence["max_steps_from"] = "num_train_epochs x logged steps per epoch"
@@ -282,13 +291,13 @@ def abrupt_end(frame: pd.DataFrame, *, info: RunInfo | None = None, early_share:
         if last is not None
         else f"the run stopped before logging a step{why}"
     )
-    return [
-        _abrupt(
-            summary,
-            evidence,
-            last,
-            Severity.ERROR,
-            "the process ended before its planned steps: "
-            + ("see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing"),
-        )
-    ]
+    console_only = c is None and bool(info.sources) and set(info.sources) <= {"console"}
+    return _abrupt(
+        summary,
+        evidence,
+        last,
+        Severity.WARNING if console_only else Severity.ERROR,
+        "the process ended before its planned steps: "
+        + ("see the crash finding" if c is not None else "OOM, preemption or a kill that printed nothing")
+        + (", or the log was cut where it was copied" if console_only else ""),
+    )

@@ -66,6 +66,10 @@ __all__ = ["ConsoleParse", "parse_console", "parse_number"]
 
 def parse_number(text: str) -> float | None:
     """A console number: ``nan``, ``-nan``, ``nan.0``, ``inf``, ``Infinity``, ``1,234``, ``31.8%`` -> float."""
+    try:
+        return float(text)  # the common case, at C speed
+    except ValueError:
+        pass
     t = text.strip().strip("'\"[]").rstrip("%").replace(",", "")
     low = t.lower()
     if low.lstrip("+-").startswith("nan"):
@@ -211,9 +215,9 @@ def _context_line(out: ConsoleParse, st: _State, i: int, line: str) -> None:
                 out.max_steps_hint = max(out.max_steps_hint or 0, total)
     if "minimum" in line and SCALE_FLOOR.search(line):
         out.scale_floor_line = i
-    if "=" in line or ":" in line or "params" in line or "*****" in line:
-        _config_line(out, line)
-    if not out.finished and FINISHED.search(line):
+    if ("=" in line or ":" in line or "params" in line or "*****" in line) and "{'" not in line:
+        _config_line(out, line)  # (an HF dict's keys are quoted: no config line pattern matches inside one)
+    if not out.finished and ("rain" in line or "RAIN" in line) and FINISHED.search(line):  # every end names "train"
         out.finished = True
 
 
@@ -230,7 +234,7 @@ def _special_line(out: ConsoleParse, st: _State, i: int, line: str) -> bool:
         st.keras_epoch = int(kh.group("e"))
         out.config.setdefault("_epochs_planned", int(kh.group("etot")))
         return True
-    va = VAL_AT_ITER.search(line)
+    va = VAL_AT_ITER.search(line) if ("oss " in line or "OSS " in line) else None
     if va is not None:
         _add(
             out,

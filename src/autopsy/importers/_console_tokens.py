@@ -18,7 +18,7 @@ PAIR = re.compile(
 # cheap pre-filter: a line that could be a metric record
 RECORD_HINT = re.compile(r"loss|norm|learning|lr\b|scale|acc|\bppl\b|\btrain|skipped", re.IGNORECASE)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\^\[\[[0-9;]*[A-Za-z]|\x1b[()][A-Z0-9]")
-CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127, 0xFFFD])
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]+")  # control bytes (tab, \n, \r kept), U+FFFD
 # markdown around a pasted log: "> " quote prefixes, a code fence glued to the first or last line
 QUOTE = re.compile(r"^\s*(?:>\s?)+|^\s*`{3}\w*\s*|`{3}\s*$|^`(?=\S)")
 # a glog prefix (Caffe, TF C++): "I1010 17:36:18.471521 24907 solver.cpp:160] "

@@ -100,7 +100,7 @@ _CHUNK = 1 << 20  # bytes decoded and cleaned at a time
 def _clean(text: str) -> str:
     if "\x1b" in text or "^[[" in text:
         text = ANSI.sub("", text)
-    return text.translate(CONTROL)
+    return CONTROL.sub("", text)
 
 
 def _read_text(fh: Any, file: str, limit: int = MAX_BYTES) -> tuple[str, list[str]]:
