@@ -312,9 +312,7 @@ def _flat_finding(
     }
     if chance:
         ev.update(chance_level=chance[0], chance_value=evidence_value(chance[1]))
-    summary = (
-        f"{metric.split('/')[0]} loss flat at {num(ev['end_level'])} (the logs after the first span {width:.2%} of their level)"
-    )
+    summary = f"{metric.split('/')[0]} loss flat at {num(ev['end_level'])} (the logs after the first span {width:.2%} of their level)"
     summary += f" ~ {chance[0]} (chance)" if chance else ""
     severity = Severity.ERROR if chance else Severity.WARNING
     return _finding(metric, steps, 1, summary, ev, severity=severity, uniform=bool(chance))
