@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from autopsy.report._chart_js import CHART_JS
 from autopsy.report._chart_spec import MIN_REL_SPAN, Y_PAD, PlotSpec
+from autopsy.report._format import html_text
 
 __all__ = ["CHART_CSS", "CHART_JS", "SCRIPT_HASH", "chart_data", "figure_html"]
 
@@ -48,10 +48,6 @@ CHART_CSS = """
 .ac-fig figcaption{font-size:12.5px;color:var(--muted);padding:3px 2px 0}
 .ac-skipped{font-size:13px;color:var(--muted)}
 """
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def _nums(a: np.ndarray | None) -> list[float | int] | None:
@@ -107,15 +103,15 @@ def _json(data: dict[str, Any]) -> str:
 
 def figure_html(spec: PlotSpec, idx: int, static: Any = None) -> str:
     """One chart: ``static`` (a :class:`~autopsy.report.plots.Plot`) is the picture shown until the script draws."""
-    name = _e(spec.name)
+    name = html_text(spec.name)
     if static is not None:
         fallback = (
-            f'<img class="plot" data-plot="{name}" src="{static.data_uri()}" alt="{_e(spec.alt)}" '
+            f'<img class="plot" data-plot="{name}" src="{static.data_uri()}" alt="{html_text(spec.alt)}" '
             'width="900" height="320">'
         )
     else:
-        fallback = f'<p class="muted" role="img" aria-label="{_e(spec.alt)}">{_e(spec.title)} (drawn by JavaScript)</p>'
-    caption = f"<figcaption>{_e('; '.join(spec.notes))}</figcaption>" if spec.notes else ""
+        fallback = f'<p class="muted" role="img" aria-label="{html_text(spec.alt)}">{html_text(spec.title)} (drawn by JavaScript)</p>'
+    caption = f"<figcaption>{html_text('; '.join(spec.notes))}</figcaption>" if spec.notes else ""
     return (
         f'<figure class="ac-fig" id="plot-{idx}-{name}" data-plot="{name}" data-group="run-{idx}">'
         f'<div class="ac-static">{fallback}</div>'

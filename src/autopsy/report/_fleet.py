@@ -7,29 +7,13 @@ a plain :class:`~autopsy.findings.Report` has neither and gets neither piece. In
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
-from autopsy.findings import Report, Severity
-from autopsy.report._format import format_value
+from autopsy.findings import Report
+from autopsy.report._format import html_text, html_value
 from autopsy.report.summary import FleetSummary
 
 __all__ = ["FLEET_CSS", "fleet_findings_html", "small_multiples_html"]
-
-_SEV_CLASS = {
-    Severity.CRITICAL: "critical",
-    Severity.ERROR: "error",
-    Severity.WARNING: "warning",
-    Severity.INFO: "info",
-}
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _val(v: Any) -> str:
-    return _e(format_value(v))
 
 
 FLEET_CSS = """
@@ -51,12 +35,13 @@ def fleet_findings_html(report: Report) -> list[str]:
     out = ['<section class="run" id="fleet-findings"><h2>What separates the failed runs</h2>']
     for j, f in enumerate(found):
         rows = "".join(
-            f"<tr><th class='mono'>{_e(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items()
+            f"<tr><th class='mono'>{html_text(k)}</th><td class='mono'>{html_value(v)}</td></tr>"
+            for k, v in f.evidence.items()
         )
         out.append(
-            f'<article class="finding sev-{_SEV_CLASS[f.severity]}" id="fleet-finding-{j}" '
-            f'data-signature="{_e(f.signature)}"><div class="summary">{_e(f.summary)}</div>'
-            f"<div><b>Cause:</b> {_e(f.cause)}</div><div><b>Fix:</b> {_e(f.fix)}</div>"
+            f'<article class="finding sev-{str(f.severity)}" id="fleet-finding-{j}" '
+            f'data-signature="{html_text(f.signature)}"><div class="summary">{html_text(f.summary)}</div>'
+            f"<div><b>Cause:</b> {html_text(f.cause)}</div><div><b>Fix:</b> {html_text(f.fix)}</div>"
             f"<details><summary>evidence</summary><table>{rows}</table></details></article>"
         )
     out.append("</section>")
@@ -96,8 +81,8 @@ def small_multiples_html(report: Report, fleet: FleetSummary) -> list[str]:
     for i, (sm, curve) in enumerate(zip(fleet.runs, curves)):
         pic = _sparkline(curve) if curve is not None else '<p class="muted">no loss logged</p>'
         out.append(
-            f'<a class="mult st-{_e(sm.status)}" href="#run-{i}" title="{_e(sm.run.run)}: {_e(sm.word)}">{pic}'
-            f"<span>{_e(sm.run.run)}</span></a>"
+            f'<a class="mult st-{html_text(sm.status)}" href="#run-{i}" title="{html_text(sm.run.run)}: {html_text(sm.word)}">{pic}'
+            f"<span>{html_text(sm.run.run)}</span></a>"
         )
     out.append("</div></section>")
     return out

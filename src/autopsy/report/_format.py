@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 from typing import Any
 
 import pandas as pd
 
 from autopsy.findings import Finding, num
 
-__all__ = ["format_evidence", "format_number", "format_value", "format_wall", "replay_evidence", "step_range"]
+__all__ = [
+    "format_evidence",
+    "format_number",
+    "format_value",
+    "format_wall",
+    "html_text",
+    "html_value",
+    "replay_evidence",
+    "step_range",
+]
 
 
 format_number = num  # one rule for a number a person reads (autopsy.findings.num)
+
+
+def html_text(x: Any) -> str:
+    """``x`` as HTML text (attribute-safe)."""
+    return html.escape(str(x), quote=True)
+
+
+def html_value(v: Any) -> str:
+    """A value of the evidence or the config (:func:`format_value`) as HTML text."""
+    return html_text(format_value(v))
 
 
 def format_value(v: Any, *, limit: int = 8) -> str:

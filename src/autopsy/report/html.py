@@ -14,14 +14,12 @@ class="autopsy">`` with its own scoped ``<style>`` and ``<script>``, for a Jupyt
 
 from __future__ import annotations
 
-import html
 import json
 import re
-from typing import Any
 
 from autopsy.findings import Finding, Report, RunReport, Severity
 from autopsy.report._fleet import FLEET_CSS, fleet_findings_html, small_multiples_html
-from autopsy.report._format import format_value, format_wall, replay_evidence, step_range
+from autopsy.report._format import format_wall, html_text, html_value, replay_evidence, step_range
 from autopsy.report.summary import FleetSummary, RunSummary, display_path, summarize_fleet
 
 __all__ = ["CSP", "render_html", "render_html_body"]
@@ -88,30 +86,14 @@ summary{cursor:pointer;color:var(--muted)}
 _PAGE_CSS = "body{margin:0;background:#f4f5f7}"
 
 
-_SEV_CLASS = {
-    Severity.CRITICAL: "critical",
-    Severity.ERROR: "error",
-    Severity.WARNING: "warning",
-    Severity.INFO: "info",
-}
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _val(v: Any) -> str:
-    return _e(format_value(v))
-
-
 def _verdict(sm: RunSummary, idx: int) -> list[str]:
     top = sm.lead
-    cls = _SEV_CLASS[top.severity] if top is not None else "ok"
+    cls = str(top.severity) if top is not None else "ok"
     line = sm.verdict[len(sm.word) + 2 :] if top is not None else sm.verdict
     out = [
         f'<div class="verdict sev-{cls}" id="verdict-{idx}">',
-        f'<div class="status">{_e(sm.word)}</div>',
-        f'<div class="line">{_e(line)}</div>',
+        f'<div class="status">{html_text(sm.word)}</div>',
+        f'<div class="line">{html_text(line)}</div>',
         "<dl>",
     ]
     if top is not None:
@@ -125,18 +107,21 @@ def _verdict(sm: RunSummary, idx: int) -> list[str]:
         wall = format_wall(top.step, sm.walls)
         if wall:
             where += f", {wall}"
-        out += [f"<dt>Where</dt><dd>{_e(where)}</dd>", f"<dt>Why</dt><dd>{_e(top.cause or top.summary)}</dd>"]
+        out += [
+            f"<dt>Where</dt><dd>{html_text(where)}</dd>",
+            f"<dt>Why</dt><dd>{html_text(top.cause or top.summary)}</dd>",
+        ]
         if top.fix:
-            out.append(f"<dt>What to do</dt><dd>{_e(top.fix)}</dd>")
+            out.append(f"<dt>What to do</dt><dd>{html_text(top.fix)}</dd>")
         if sm.restart:
-            out.append(f'<dt>Restart</dt><dd class="restart">{_e(sm.restart)}</dd>')
+            out.append(f'<dt>Restart</dt><dd class="restart">{html_text(sm.restart)}</dd>')
     else:
-        out.append(f"<dt>Steps</dt><dd>{_e(sm.last_step if sm.last_step is not None else 'unknown')}</dd>")
+        out.append(f"<dt>Steps</dt><dd>{html_text(sm.last_step if sm.last_step is not None else 'unknown')}</dd>")
     out.append("</dl>")
     shown = [f for f in sm.findings if f.severity >= Severity.WARNING]
     if shown:
         chips = "".join(
-            f'<span class="chip sev-bg-{_SEV_CLASS[f.severity]}">{_e(f.signature)}'
+            f'<span class="chip sev-bg-{str(f.severity)}">{html_text(f.signature)}'
             f"{'' if f.step is None else ' @ ' + str(f.step)}</span>"
             for f in shown
         )
@@ -154,10 +139,13 @@ def _plots(run: RunReport, idx: int, static: bool) -> list[str]:
         specs = run_specs(run)
         figs = [figure_html(s, idx, render_plot(s) if static else None) for s in specs if s.drawable]
     except Exception as exc:
-        return ["<h3>Plots</h3>", f'<p class="damage">plots unavailable: {_e(type(exc).__name__)}: {_e(exc)}</p>']
+        return [
+            "<h3>Plots</h3>",
+            f'<p class="damage">plots unavailable: {html_text(type(exc).__name__)}: {html_text(exc)}</p>',
+        ]
     if not specs:
         return []
-    skipped = [f'<p class="ac-skipped">{_e(s.not_drawn())}</p>' for s in specs if not s.drawable]
+    skipped = [f'<p class="ac-skipped">{html_text(s.not_drawn())}</p>' for s in specs if not s.drawable]
     return ["<h3>Plots</h3>", *figs, *skipped]
 
 
@@ -182,16 +170,16 @@ def _timeline(sm: RunSummary, idx: int) -> list[str]:
             end = f.end_step if f.end_step is not None else f.step
             width = max(min(end / last, 1.0) * 100 - left, 0.0)
             bar = (
-                f'<div class="bar"><span class="sev-bg-{_SEV_CLASS[f.severity]}" '
+                f'<div class="bar"><span class="sev-bg-{str(f.severity)}" '
                 f'style="left:{left:.1f}%;width:{width:.1f}%"></span></div>'
             )
-        wall = f'<td class="wall">{_e(format_wall(f.step, walls))}</td>' if has_wall else ""
-        sev = _SEV_CLASS[f.severity]
+        wall = f'<td class="wall">{html_text(format_wall(f.step, walls))}</td>' if has_wall else ""
+        sev = str(f.severity)
         metric = f'<code class="metric">{_wbr(f.metric)}</code>' if f.metric else ""
-        summary = f'<a href="#verdict-{idx}">the verdict</a>' if f is sm.lead else _e(f.summary)
+        summary = f'<a href="#verdict-{idx}">the verdict</a>' if f is sm.lead else html_text(f.summary)
         out.append(
-            f'<tr class="sev-{sev}"><td class="num">{_e(step_range(f))}</td>{wall}'
-            f'<td class="sig"><span class="chip sev-bg-{sev}">{_e(f.severity)}</span> <code>{_wbr(f.signature)}</code>'
+            f'<tr class="sev-{sev}"><td class="num">{html_text(step_range(f))}</td>{wall}'
+            f'<td class="sig"><span class="chip sev-bg-{sev}">{html_text(f.severity)}</span> <code>{_wbr(f.signature)}</code>'
             f'{metric}</td><td class="summary">{summary}</td><td class="span">{bar}</td></tr>'
         )
     out.append("</tbody></table>")
@@ -201,22 +189,23 @@ def _timeline(sm: RunSummary, idx: int) -> list[str]:
 def _finding(sm: RunSummary, f: Finding, idx: int, j: int) -> list[str]:
     """One finding's card: its heading, the cause and fix not said yet (the lead's are in the verdict, a finding of
     the lead's own event shares them), and its evidence. Its summary is the timeline's row."""
-    sev = _SEV_CLASS[f.severity]
+    sev = str(f.severity)
     where = f" at step {step_range(f)}" if f.step is not None else ""
     out = [
-        f'<article class="finding sev-{sev}" id="finding-{idx}-{j}" data-signature="{_e(f.signature)}">',
-        f'<h4><span class="chip sev-bg-{sev}">{_e(f.severity)}</span><code>{_e(f.signature)}</code>{_e(where)}'
-        + (f' <span class="muted">on <code>{_e(f.metric)}</code></span>' if f.metric else "")
+        f'<article class="finding sev-{sev}" id="finding-{idx}-{j}" data-signature="{html_text(f.signature)}">',
+        f'<h4><span class="chip sev-bg-{sev}">{html_text(f.severity)}</span><code>{html_text(f.signature)}</code>{html_text(where)}'
+        + (f' <span class="muted">on <code>{html_text(f.metric)}</code></span>' if f.metric else "")
         + "</h4>",
     ]
     cause, fix = sm.advice_of(f)
     if cause:
-        out.append(f"<div><b>Cause:</b> {_e(cause)}</div>")
+        out.append(f"<div><b>Cause:</b> {html_text(cause)}</div>")
     if fix:
-        out.append(f"<div><b>Fix:</b> {_e(fix)}</div>")
+        out.append(f"<div><b>Fix:</b> {html_text(fix)}</div>")
     if f.evidence:
         rows = "".join(
-            f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in f.evidence.items()
+            f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{html_value(v)}</td></tr>"
+            for k, v in f.evidence.items()
         )
         out.append(
             f'<details class="evidence"><summary>evidence ({len(f.evidence)} values)</summary><table>{rows}</table>'
@@ -235,9 +224,9 @@ def _replay(sm: RunSummary) -> list[str]:
         '<table class="replay evidence"><thead><tr><th>signature</th><th>step</th><th>evidence</th></tr></thead><tbody>',
     ]
     for f in found:
-        ev = "<br>".join(f"<b>{_e(k)}</b>: <code>{_val(v)}</code>" for k, v in replay_evidence(f).items())
+        ev = "<br>".join(f"<b>{html_text(k)}</b>: <code>{html_value(v)}</code>" for k, v in replay_evidence(f).items())
         out.append(
-            f"<tr><td><code>{_e(f.signature)}</code></td><td class='num'>{_e(step_range(f))}</td><td>{ev}</td></tr>"
+            f"<tr><td><code>{html_text(f.signature)}</code></td><td class='num'>{html_text(step_range(f))}</td><td>{ev}</td></tr>"
         )
     out.append("</tbody></table>")
     return out
@@ -253,7 +242,7 @@ def _config(sm: RunSummary) -> list[str]:
         out.append(
             "<table>"
             + "".join(
-                f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{_val(v)}</td></tr>" for k, v in cfg.items()
+                f"<tr><th class='mono'>{_wbr(k)}</th><td class='mono'>{html_value(v)}</td></tr>" for k, v in cfg.items()
             )
             + "</table>"
         )
@@ -262,7 +251,7 @@ def _config(sm: RunSummary) -> list[str]:
 
         text = json.dumps(strict(full), indent=1, sort_keys=True, allow_nan=False)
         out.append(
-            f"<details><summary>full config ({len(full)} keys)</summary><pre class='mono'>{_e(text)}</pre></details>"
+            f"<details><summary>full config ({len(full)} keys)</summary><pre class='mono'>{html_text(text)}</pre></details>"
         )
     return out
 
@@ -271,18 +260,20 @@ def _sources(run: RunReport) -> list[str]:
     out = [
         "<h3>Sources read</h3>",
         "<table>",
-        f"<tr><th>path</th><td class='mono'>{_e(display_path(run.path))}</td></tr>",
-        f"<tr><th>sources</th><td>{_e(', '.join(run.sources) or 'none')}</td></tr>",
+        f"<tr><th>path</th><td class='mono'>{html_text(display_path(run.path))}</td></tr>",
+        f"<tr><th>sources</th><td>{html_text(', '.join(run.sources) or 'none')}</td></tr>",
     ]
     info = run.info
     files = list(getattr(info, "files", []) or []) if info is not None else []
     if files:
-        items = "<br>".join(_e(f) for f in files[:50]) + (f"<br>... {len(files) - 50} more" if len(files) > 50 else "")
+        items = "<br>".join(html_text(f) for f in files[:50]) + (
+            f"<br>... {len(files) - 50} more" if len(files) > 50 else ""
+        )
         out.append(f"<tr><th>files</th><td class='mono'>{items}</td></tr>")
     checkpoints = dict(getattr(info, "checkpoints", {}) or {}) if info is not None else {}
     if checkpoints:
         out.append(
-            f"<tr><th>checkpoints</th><td class='mono'>{_e(', '.join(str(s) for s in sorted(checkpoints)))}</td></tr>"
+            f"<tr><th>checkpoints</th><td class='mono'>{html_text(', '.join(str(s) for s in sorted(checkpoints)))}</td></tr>"
         )
     out.append("</table>")
     damage = list(getattr(info, "damage", []) or []) if info is not None else []
@@ -292,14 +283,16 @@ def _sources(run: RunReport) -> list[str]:
             "<th>offset</th><th>problem</th><th>salvaged</th></tr></thead><tbody>"
         )
         out += [
-            f"<tr><td class='mono'>{_e(d.file)}</td><td class='num'>{_e('' if d.offset is None else d.offset)}</td>"
-            f"<td>{_e(d.problem)}</td><td>{_e(d.salvaged)}</td></tr>"
+            f"<tr><td class='mono'>{html_text(d.file)}</td><td class='num'>{html_text('' if d.offset is None else d.offset)}</td>"
+            f"<td>{html_text(d.problem)}</td><td>{html_text(d.salvaged)}</td></tr>"
             for d in damage
         ]
         out.append("</tbody></table>")
     notes = list(getattr(info, "notes", []) or []) if info is not None else []
     if notes:
-        out.append("<p><b>Skipped while reading:</b></p><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        out.append(
+            "<p><b>Skipped while reading:</b></p><ul>" + "".join(f"<li>{html_text(n)}</li>" for n in notes) + "</ul>"
+        )
     if run.skipped:  # one line per reason: "no train/grad_norm in this run" said once for all its detectors
         by_reason: dict[str, list[str]] = {}
         for sk in run.skipped:
@@ -307,7 +300,7 @@ def _sources(run: RunReport) -> list[str]:
         out.append(
             f'<details class="skipped"><summary>detectors skipped ({len(run.skipped)})</summary><ul>'
             + "".join(
-                f"<li>{', '.join(f'<code>{_e(d)}</code>' for d in names)}: {_e(reason)}</li>"
+                f"<li>{', '.join(f'<code>{html_text(d)}</code>' for d in names)}: {html_text(reason)}</li>"
                 for reason, names in by_reason.items()
             )
             + "</ul></details>"
@@ -316,7 +309,8 @@ def _sources(run: RunReport) -> list[str]:
         out.append(
             "<p class='damage'><b>Detector errors:</b></p><ul>"
             + "".join(
-                f"<li><code>{_e(x.get('detector', ''))}</code>: {_e(x.get('error', ''))}</li>" for x in run.errors
+                f"<li><code>{html_text(x.get('detector', ''))}</code>: {html_text(x.get('error', ''))}</li>"
+                for x in run.errors
             )
             + "</ul>"
         )
@@ -326,20 +320,20 @@ def _sources(run: RunReport) -> list[str]:
 def _wbr(text: str) -> str:
     """Escaped, with a line-break opportunity after each ``/``, ``_``, ``.`` and a ``-`` before a digit (where a
     browser would not break by itself), so a long run name or path wraps at its parts, not at every letter."""
-    return re.sub(r"([/_.]|-(?=\d))(?=.)", r"\1<wbr>", _e(text))
+    return re.sub(r"([/_.]|-(?=\d))(?=.)", r"\1<wbr>", html_text(text))
 
 
 def _comparison(fleet: FleetSummary) -> list[str]:
     rows = fleet.rows()
     cols = list(rows[0])
     out = [
-        f'<section class="run" id="comparison"><h2>Summary</h2><p>{_e(fleet.count_line)}</p><table class="compare">'
-        "<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"
+        f'<section class="run" id="comparison"><h2>Summary</h2><p>{html_text(fleet.count_line)}</p><table class="compare">'
+        "<thead><tr>" + "".join(f"<th>{html_text(c)}</th>" for c in cols) + "</tr></thead><tbody>"
     ]
     for i, r in enumerate(rows):
-        cells = [f'<td class="name" title="{_e(r["run"])}"><a href="#run-{i}">{_wbr(r["run"])}</a></td>']
+        cells = [f'<td class="name" title="{html_text(r["run"])}"><a href="#run-{i}">{_wbr(r["run"])}</a></td>']
         cells += [
-            f'<td class="path">{_wbr(r[c])}</td>' if c in ("restart", "lead") else f"<td>{_e(r[c])}</td>"
+            f'<td class="path">{_wbr(r[c])}</td>' if c in ("restart", "lead") else f"<td>{html_text(r[c])}</td>"
             for c in cols[1:]
         ]
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -363,7 +357,7 @@ def _body(report: Report, *, plots: bool, static: bool) -> tuple[str, str, bool]
 
     body: list[str] = [
         '<header class="top"><h1>autopsy report</h1>',
-        f'<span class="muted">autopsy {_e(report.version)} · {len(report.runs)} run(s)</span></header>',
+        f'<span class="muted">autopsy {html_text(report.version)} · {len(report.runs)} run(s)</span></header>',
     ]
     if not report.runs:
         body.append('<p class="muted">no run found</p>')
@@ -376,7 +370,7 @@ def _body(report: Report, *, plots: bool, static: bool) -> tuple[str, str, bool]
     css = _CSS + CHART_CSS + (FLEET_CSS if hasattr(report, "fleet_findings") else "")
     for i, sm in enumerate(fleet.runs):
         run = sm.run
-        body.append(f'<section class="run" id="run-{i}"><h2>{_e(run.run)}</h2>')
+        body.append(f'<section class="run" id="run-{i}"><h2>{html_text(run.run)}</h2>')
         body += _verdict(sm, i)
         if plots:
             body += _plots(run, i, static)
@@ -422,6 +416,6 @@ def render_html(report: Report, *, plots: bool = True, title: str | None = None,
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(page_title)}</title>\n<style>{_PAGE_CSS}\n{css}</style>\n</head>\n"
+        f"<title>{html_text(page_title)}</title>\n<style>{_PAGE_CSS}\n{css}</style>\n</head>\n"
         f'<body><div class="autopsy"><main>\n{inner}\n</main>\n{script}</div></body></html>\n'
     )
