@@ -223,6 +223,19 @@ def _lora_params(model: dict[str, Any], adapter: dict[str, Any]) -> int:
     return int(adapter["r"]) * per_layer * int(model["num_hidden_layers"])
 
 
+def _shape(model: dict[str, Any]) -> dict[str, Any]:
+    """The sizes of a model config that :func:`_params` and :func:`estimate_training_memory` take."""
+    return {
+        "hidden_size": model["hidden_size"],
+        "num_hidden_layers": model["num_hidden_layers"],
+        "vocab_size": model["vocab_size"],
+        "intermediate_size": model.get("intermediate_size"),
+        "num_attention_heads": model.get("num_attention_heads"),
+        "num_key_value_heads": model.get("num_key_value_heads"),
+        "tie_word_embeddings": bool(model.get("tie_word_embeddings", False)),
+    }
+
+
 def param_counts(config: dict[str, Any]) -> dict[str, Any] | None:
     """``params``, ``trainable``, ``embedding`` (the input lookup), ``layers``, ``hidden``, ``lora`` from the config:
     printed counts (PEFT's ``trainable params: X || all params: Y``) first, else the model's sizes and the adapter's
@@ -234,15 +247,7 @@ def param_counts(config: dict[str, Any]) -> dict[str, Any] | None:
     if total is None:
         if model is None:
             return None
-        total = _params(
-            hidden_size=model["hidden_size"],
-            num_hidden_layers=model["num_hidden_layers"],
-            vocab_size=model["vocab_size"],
-            intermediate_size=model.get("intermediate_size"),
-            num_attention_heads=model.get("num_attention_heads"),
-            num_key_value_heads=model.get("num_key_value_heads"),
-            tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
-        )
+        total = _params(**_shape(model))
     if trainable is None:
         trainable = _lora_params(model, adapter) if (adapter and model is not None) else total
     out: dict[str, Any] = {"params": int(total), "trainable": int(trainable), "lora": int(trainable) < int(total)}
@@ -269,13 +274,7 @@ def estimate_from_config(config: dict[str, Any], *, gpu_total_gib: float | None 
     counts = param_counts(config) or {}
     trainable = counts.get("trainable") if counts.get("lora") else None
     return estimate_training_memory(
-        hidden_size=model["hidden_size"],
-        num_hidden_layers=model["num_hidden_layers"],
-        vocab_size=model["vocab_size"],
-        intermediate_size=model.get("intermediate_size"),
-        num_attention_heads=model.get("num_attention_heads"),
-        num_key_value_heads=model.get("num_key_value_heads"),
-        tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
+        **_shape(model),
         total_params=config.get("total_params") if isinstance(config.get("total_params"), int) else None,
         trainable_params=trainable,
         weight_bytes=wb,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopsy.replay.rerun import LocalGrads, capture, local_backward
-from autopsy.replay.trace import module_inputs, module_outputs, precision, run_loss
+from autopsy.replay.trace import forward_backward, module_inputs, module_outputs
 
 __all__ = ["BackwardOrigin", "NormOverflow", "backward_origin", "norm_overflow", "param_owners", "split_tied"]
 
@@ -75,7 +75,6 @@ def _inf_norm(t: Any) -> Any:
 
 def _record(model: Any, batch: dict[str, Any], autocast: Any) -> _Events:
     """The hooked pass: forward calls (with their inputs) and backward events in engine order."""
-    import torch
 
     ev = _Events()
     names: dict[Any, str] = {}
@@ -118,12 +117,7 @@ def _record(model: Any, batch: dict[str, Any], autocast: Any) -> _Events:
     ]
     model.zero_grad(set_to_none=True)
     try:
-        with torch.enable_grad():
-            with precision(next(model.parameters()).device, autocast):
-                loss = run_loss(model, batch)
-            state["forward"] = False
-            if loss.requires_grad:
-                loss.backward()
+        forward_backward(model, batch, autocast, state)
     finally:
         for h in handles:
             h.remove()

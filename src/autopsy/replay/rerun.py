@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from autopsy.replay.trace import module_inputs, module_outputs, precision, run_loss
+from autopsy.replay.trace import device_of, forward_backward, module_inputs, module_outputs, precision, run_loss
 
 __all__ = ["Captured", "capture", "capture_forward", "local_backward", "rerun_forward"]
 
@@ -59,7 +59,7 @@ def capture_forward(model: Any, batch: dict[str, Any], module: Any, *, autocast:
 
     h = module.register_forward_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad(), precision(_device(model), autocast):
+        with torch.no_grad(), precision(device_of(model), autocast):
             run_loss(model, batch)
     except _Stop:
         pass
@@ -71,7 +71,6 @@ def capture_forward(model: Any, batch: dict[str, Any], module: Any, *, autocast:
 def capture(model: Any, batch: dict[str, Any], wanted: dict[Any, int], *, autocast: Any = None) -> dict[Any, Captured]:
     """One forward + backward that keeps, for each ``{module: call number}``, that call's inputs and output
     gradients. The model's ``.grad`` are left as they were."""
-    import torch
 
     calls: dict[Any, int] = {}
     got: dict[Any, Captured] = {}
@@ -102,12 +101,7 @@ def capture(model: Any, batch: dict[str, Any], wanted: dict[Any, int], *, autoca
         p.grad = None  # the pass accumulates into fresh tensors: the saved ones are put back untouched
     handles = [m.register_forward_hook(fwd, with_kwargs=True) for m in wanted]
     try:
-        with torch.enable_grad():
-            with precision(_device(model), autocast):
-                loss = run_loss(model, batch)
-            state["forward"] = False
-            if loss.requires_grad:
-                loss.backward()
+        forward_backward(model, batch, autocast, state)
     finally:
         for h in handles:
             h.remove()
@@ -147,7 +141,7 @@ def rerun_forward(module: Any, args: tuple, kwargs: dict) -> bool | None:
     if mod is None:
         return None
     try:
-        with torch.no_grad(), _no_autocast(_device(mod)):
+        with torch.no_grad(), _no_autocast(device_of(mod)):
             out = mod(*_convert(args, {}, True), **_convert(kwargs, {}, True))
     except Exception:
         return None
@@ -198,7 +192,7 @@ def local_backward(
     if mod is None or all(g is None for g in cap.grads):
         return None
     leaves: dict[int, Any] = {}
-    ctx = _no_autocast(_device(mod)) if float32 else precision(_device(mod), autocast)
+    ctx = _no_autocast(device_of(mod)) if float32 else precision(device_of(mod), autocast)
     try:
         with torch.enable_grad(), ctx:
             outs = module_outputs(mod(*_convert(cap.args, leaves, float32), **_convert(cap.kwargs, leaves, float32)))
@@ -222,13 +216,6 @@ def local_backward(
             n: float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) for n, g in gpar if g is not None
         },
     )
-
-
-def _device(model: Any) -> Any:
-    import torch
-
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def finite_max(ts: list) -> float | None:

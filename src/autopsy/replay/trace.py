@@ -79,6 +79,19 @@ def run_loss(model: Any, batch: dict[str, Any]) -> Any:
     return loss.float().sum() if loss.dim() else loss.float()
 
 
+def forward_backward(model: Any, batch: dict[str, Any], autocast: Any, state: dict[str, bool]) -> None:
+    """The loss of ``batch`` under the run's precision, then its backward when it has a gradient; ``state["forward"]``
+    turns False between the two, so that hooks can tell the passes apart."""
+    import torch
+
+    with torch.enable_grad():
+        with precision(device_of(model), autocast):
+            loss = run_loss(model, batch)
+        state["forward"] = False
+        if loss.requires_grad:
+            loss.backward()
+
+
 def grad_norm(params: list, device: Any) -> Any:
     """The gradient norm as ``clip_grad_norm_`` computes it (each tensor's norm in its own dtype, then the norm of
     those), as a 0-dim float32 tensor on ``device``; zero when no parameter has a gradient."""
@@ -212,7 +225,7 @@ def trace(
     ran = False
     try:
         with torch.enable_grad():
-            with precision(_device_of(model), autocast):
+            with precision(device_of(model), autocast):
                 loss = run_loss(model, batch)
             rec.done = True
             loss_v, (fwd, lay) = _host(loss, [rec.fwd, rec.lay])
@@ -228,7 +241,8 @@ def trace(
     return Trace(loss=loss_v, grad_norm=gnorm, forward=fwd, layers=lay, backward_ran=ran)
 
 
-def _device_of(model: Any) -> Any:
+def device_of(model: Any) -> Any:
+    """The device of the model's first parameter (the CPU for a model without any)."""
     import torch
 
     p = next(iter(model.parameters()), None)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 
-from autopsy.findings import Report
+from autopsy.findings import Report, json_number
 from autopsy.report.summary import summarize_fleet
 
 __all__ = ["render_json", "report_to_dict", "strict"]
@@ -20,15 +19,8 @@ def strict(obj: Any, _depth: int = 0) -> Any:
         return str(obj)
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "Infinity" if v > 0 else "-Infinity"
-        return v
+    if isinstance(obj, (int, float, np.integer, np.floating)):
+        return json_number(obj)
     if isinstance(obj, dict):
         return {str(k): strict(v, _depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
