@@ -35,3 +35,13 @@ def fresh_nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fresh") / "nan-run"
     tinyllama.train(out, max_steps=40, learning_rate=5e-4, plant_inf_at=30, eval_steps=20, save_steps=10)
     return out
+
+
+@pytest.fixture
+def math_attention():
+    """Replay in the attention kernel the fixture runs were trained with (see tinyllama.math_attention); a module
+    that replays a fixture run names it in ``pytest.mark.usefixtures``."""
+    import tinyllama
+
+    with tinyllama.math_attention():
+        yield

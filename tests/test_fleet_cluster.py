@@ -25,6 +25,7 @@ from autopsy.errors import UnreadableError
 from autopsy.fleet import analyze_many
 from autopsy.report import render
 from helpers.paths import REAL_LOGS, RUNS, needs_shared
+from helpers.procs import stop
 from helpers.wandb_runs import nan151_rows, write_runs
 
 BUCKET = "runs"
@@ -115,12 +116,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         options = {**creds, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
         yield {"endpoint": endpoint, "tree": tree, "creds": creds, "options": options}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _runs(report: Any) -> dict[str, dict[str, Any]]:

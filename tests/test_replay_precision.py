@@ -12,21 +12,13 @@ import pytest
 
 from helpers.paths import REPO
 
-pytestmark = [pytest.mark.torch, pytest.mark.slow]
+pytestmark = [pytest.mark.torch, pytest.mark.slow, pytest.mark.usefixtures("math_attention")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import helpers.replay as S  # noqa: E402
 from autopsy.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _math_attention():
-    import tinyllama
-
-    with tinyllama.math_attention():
-        yield
 
 
 def _no_torch(args: list[str]) -> tuple[int, str, bool]:

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.torch, pytest.mark.slow]  # runs a model: CPU-dependent numerics
+pytestmark = [pytest.mark.torch, pytest.mark.slow, pytest.mark.usefixtures("math_attention")]  # runs a model: CPU-dependent numerics
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from autopsy.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _math_attention():
-    """Replay in the attention kernel the fixture runs were trained with (see tinyllama.math_attention)."""
-    import tinyllama
-
-    with tinyllama.math_attention():
-        yield
 
 UP = "model.layers.1.mlp.up_proj"
 

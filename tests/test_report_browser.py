@@ -30,6 +30,7 @@ from autopsy.report import render
 from autopsy.report.html import render_html, render_html_body
 from autopsy.report.plots import run_specs
 from helpers.browser import CHROMIUM, FLAGS, _Cdp, _errors, _WebSocket, open_page
+from helpers.procs import stop
 from helpers.report import synthetic_report, synthetic_run
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -70,12 +71,7 @@ class Browser:
 
     def __exit__(self, *exc: object) -> None:
         self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
         self.profile.cleanup()
 
     def load(self, path: Path, width: int, height: int = 900) -> list[str]:

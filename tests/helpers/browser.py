@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from helpers.procs import stop
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars", "--mute-audio"]
@@ -192,9 +194,4 @@ def open_page(html_path: Path, *, width: int = 1280, height: int = 2000) -> dict
             finally:
                 ws.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
