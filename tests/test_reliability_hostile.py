@@ -12,8 +12,6 @@ import math
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from helpers.reliability import (
     cli_subprocess,
     has_module,
     make_damaged,
+    run_measured,
 )
 
 NAN_RUN = make_damaged.NAN_RUN
@@ -254,29 +253,20 @@ def test_special_files_do_not_hang(tmp_path):
 
 _BIG = 32 << 20  # 32 MiB sparse (all zeros): cheap to make, and a reader that slurps it shows in its RSS
 _MEASURE = textwrap.dedent("""
-    import resource, sys, time
+    import time
     import autopsy.importers as imp
     from autopsy.errors import AutopsyError
     try:  # warm up: the same kind of file, 4 KiB, so that lazy imports are not counted
         imp.load(sys.argv[2])
     except AutopsyError:
         pass
-    def kb(field):  # VmRSS / VmHWM of this process, in KiB
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    try:  # reset the high-water mark, so a warm-up peak (lazy imports) cannot hide the one we measure
-        open("/proc/self/clear_refs", "w").write("5")
-        base, peak_of = kb("VmRSS:"), lambda: kb("VmHWM:")
-    except OSError:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak()
     t = time.monotonic()
     try:
         frame = imp.load(sys.argv[1]); what = f"frame of {len(frame)} rows"
     except AutopsyError as exc:
         what = f"AutopsyError: {exc}"
-    print((peak_of() - base) // 1024, round(time.monotonic() - t, 2), what)
+    print(peak_growth_mib(), round(time.monotonic() - t, 2), what)
 """)
 _BIG_FILES = {
     "trainer_state": "trainer_state.json",
@@ -292,9 +282,7 @@ _IMPORTER_MODULE = {"trainer_state": "autopsy.importers.trainer_state", "tensorb
 
 def _peak_growth(big: Path, small: Path) -> tuple[int, float, str]:
     """Peak RSS growth (MB) of ``autopsy.load(big)`` in a fresh process, after a warm-up load of ``small``."""
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(big), str(small)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    grew_mb, seconds, what = r.stdout.split(" ", 2)
+    grew_mb, seconds, what = run_measured(_MEASURE, big, small).split(" ", 2)
     return int(grew_mb), float(seconds), what.strip()
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from autopsy.importers import _tb_events, read_files
 from autopsy.importers.discover import find_runs
 from autopsy.runinfo import run_info
 from autopsy.series import series
+from helpers.reliability import run_measured
 from helpers.tb import KERAS_HPARAMS, keras_curves, write_hf_run, write_keras_run
 
 pytest.importorskip("tensorboard")
@@ -91,18 +90,12 @@ def test_zero_filled_tail_stops_reading_at_its_start(hf_file, tmp_path, monkeypa
 
 
 _MEASURE = textwrap.dedent("""
-    import sys
     from autopsy.importers import _tb_events, read_files
     _tb_events.WINDOW = int(sys.argv[2])
     read_files("tensorboard", [sys.argv[3]], run="warm")
-    def kb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")
-    base = kb("VmRSS:")
+    reset_peak()
     frame = read_files("tensorboard", [sys.argv[1]], run="r")
-    print((kb("VmHWM:") - base) // 1024, len(frame))
+    print(peak_growth_mib(), len(frame))
 """)
 
 
@@ -124,10 +117,7 @@ def test_memory_is_a_window_not_the_file(tmp_path):
     w.close()
     small = write_hf_run(tmp_path / "small")
     big = next(log.glob("events*"))
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(big), str(1 << 20), str(small)], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    grew_mb, rows = map(int, r.stdout.split())
+    grew_mb, rows = map(int, run_measured(_MEASURE, big, 1 << 20, small, timeout=300).split())
     assert rows == step
     assert grew_mb < 12, f"peak RSS grew {grew_mb} MB reading a {big.stat().st_size >> 20} MiB file in 1 MiB windows"
 

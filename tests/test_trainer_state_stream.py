@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import autopsy
 from autopsy.importers import _trainer_json, read_files
 from autopsy.runinfo import run_info
 from autopsy.series import series
-from helpers.reliability import cli_inprocess
+from helpers.reliability import cli_inprocess, run_measured
 
 
 def _history(nan_run: Path) -> list[dict]:
@@ -180,17 +178,11 @@ def test_empty_log_history_is_insufficient_data_not_an_error(tmp_path):
 
 
 _MEASURE = textwrap.dedent("""
-    import sys
     from autopsy.importers import read_files
     read_files("trainer_state", [sys.argv[2]], run="warm")
-    def kb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")
-    base = kb("VmRSS:")
+    reset_peak()
     frame = read_files("trainer_state", [sys.argv[1]], run="r")
-    print((kb("VmHWM:") - base) // 1024, len(frame), frame.memory_usage(deep=True).sum() // 2**20)
+    print(peak_growth_mib(), len(frame), frame.memory_usage(deep=True).sum() // 2**20)
 """)
 
 
@@ -203,10 +195,7 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
     hist = [{"epoch": s / n, "grad_norm": 0.5, "learning_rate": 1e-4, "loss": 2.0 + 1.0 / s, "step": s} for s in range(1, n + 1)]
     big = _run(tmp_path, {"global_step": n, "log_history": hist, "max_steps": n}) / "trainer_state.json"
     small = _run(tmp_path, {"log_history": hist[:10]}, "small") / "trainer_state.json"
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(big), str(small)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    grew_mb, rows, frame_mb = map(int, r.stdout.split())
+    grew_mb, rows, frame_mb = map(int, run_measured(_MEASURE, big, small, timeout=300).split())
     assert rows == 4 * n
     file_mb = big.stat().st_size >> 20
     assert grew_mb < 5 * frame_mb + 32, f"peak RSS grew {grew_mb} MB reading a {file_mb} MB file (frame: {frame_mb} MB)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from damaged import make_damaged
 
-__all__ = ["cli_inprocess", "cli_subprocess", "has_module", "make_damaged", "snapshot"]
+__all__ = ["cli_inprocess", "cli_subprocess", "has_module", "make_damaged", "run_measured", "snapshot"]
 
 
 def has_module(name: str) -> bool:
@@ -55,3 +55,33 @@ def cli_subprocess(*args: object, cwd: Path | None = None, timeout: float = 120)
     """``python -m autopsy ARGS`` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "autopsy", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)
+
+
+# What a measuring script starts with: reset_peak() after its warm-up, peak_growth_mib() after the work it measures.
+_PEAK_PRELUDE = """
+import resource, sys
+def _kb(field):  # VmRSS / VmHWM of this process, in KiB
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+def reset_peak():
+    # reset the high-water mark, so a warm-up peak (lazy imports) cannot hide the one measured
+    global _base, _peak
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+        _base, _peak = _kb("VmRSS:"), lambda: _kb("VmHWM:")
+    except OSError:
+        _base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_growth_mib():
+    return (_peak() - _base) // 1024
+"""
+
+
+def run_measured(script: str, *args: object, timeout: float = 120) -> str:
+    """Run ``script`` (which calls ``reset_peak()`` and ``peak_growth_mib()``) in a fresh Python process with
+    ``args`` as ``sys.argv[1:]``; its stdout, after checking it exited 0."""
+    r = subprocess.run([sys.executable, "-c", _PEAK_PRELUDE + script, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
