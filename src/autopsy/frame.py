@@ -37,6 +37,7 @@ __all__ = [
     "empty_frame",
     "make_frame",
     "merge_sources",
+    "text_categories",
     "validate_frame",
     "wall_column",
     "wall_seconds",
@@ -118,6 +119,12 @@ def wall_seconds(data: pd.DataFrame | pd.Series | Any) -> np.ndarray:
         out[np.asarray(col.isna())] = np.nan
         return out
     return np.asarray(col, dtype=np.float64)
+
+
+def text_categories(names: list[Any]) -> pd.Index:
+    """The categories of a text column built from codes (``pd.Categorical.from_codes``): each name as a string (the
+    sentinel keeps numpy from reading names that look like sequences as a second dimension)."""
+    return pd.Index(np.asarray([str(n) for n in names] + [""], dtype=object)[:-1].astype(str))
 
 
 def _categorical(v: Any, n: int) -> pd.Categorical:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from autopsy.checkpoints import checkpoint_step
-from autopsy.frame import make_frame
+from autopsy.frame import make_frame, text_categories
 from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._tb_events import EventFile, read_event_file
 from autopsy.importers.run_config import model_summary
@@ -100,10 +100,6 @@ def _first_seen(codes: np.ndarray, k: int) -> np.ndarray:
     new = np.full(k, -1, dtype=np.int64)
     new[used[np.argsort(first[used], kind="stable")]] = np.arange(len(used), dtype=np.int64)
     return new
-
-
-def _text_index(names: list[str]) -> pd.Index:
-    return pd.Index(np.asarray(names + [""], dtype=object)[:-1].astype(str))
 
 
 def claims(path: Path) -> int:
@@ -258,9 +254,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
             np.array([canonical.get(t) or canonical_metric(t) for t in raw_names] + [""], dtype=object)[:-1]
         )
         metric = pd.Categorical.from_codes(
-            np.asarray(metric_codes, dtype=np.int64)[code], categories=_text_index([str(m) for m in metric_names])
+            np.asarray(metric_codes, dtype=np.int64)[code], categories=text_categories([str(m) for m in metric_names])
         )
-        raw = pd.Categorical.from_codes(code, categories=_text_index(raw_names))
+        raw = pd.Categorical.from_codes(code, categories=text_categories(raw_names))
     else:
         metric, raw = [], np.empty(0, dtype=object)
     frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, wall_time=wall, raw_metric=raw)

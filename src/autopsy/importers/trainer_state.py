@@ -28,7 +28,7 @@ import pandas as pd
 
 from autopsy.checkpoints import checkpoint_step
 from autopsy.errors import UnreadableError
-from autopsy.frame import make_frame
+from autopsy.frame import make_frame, text_categories
 from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._trainer_history import SUMMARY_KEYS, StateFile
 from autopsy.importers._trainer_json import NAN, read_stream
@@ -230,17 +230,13 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     canon = np.array([canonical_metric(r, hf_flat=True) for r in raw_names] + [""], dtype=object)[:-1]
     metric_codes, metric_names = pd.factorize(canon)
     metric = pd.Categorical.from_codes(
-        np.asarray(metric_codes, dtype=np.int32)[code], categories=_text_index(list(metric_names))
+        np.asarray(metric_codes, dtype=np.int32)[code], categories=text_categories(list(metric_names))
     )
-    raw = pd.Categorical.from_codes(code, categories=_text_index(raw_names))
+    raw = pd.Categorical.from_codes(code, categories=text_categories(raw_names))
     del code  # the categoricals hold the codes in the smallest integer type
     frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, raw_metric=raw)
     _note_superseded(info, frame)
     return Imported.one(frame, info)
-
-
-def _text_index(names: list[Any]) -> pd.Index:
-    return pd.Index(np.asarray([str(n) for n in names] + [""], dtype=object)[:-1].astype(str))
 
 
 def _history_notes(info: RunInfo, sf: StateFile) -> None:
