@@ -23,6 +23,27 @@ from autopsy.series import series
 __all__ = ["exploding_gradients", "vanishing_gradients"]
 
 
+_FEW_CANDIDATES = 32  # up to this many, each candidate's median is computed alone; beyond, one expanding median
+
+
+def _median_before(v: np.ndarray, jump: float) -> np.ndarray:
+    """The median of the logs before each log, where it can make a `jump`x leap (NaN elsewhere: no leap there).
+
+    A positive median of logs is at least half their smallest positive value (the lower middle value may be 0), so a
+    log under `jump` x half the smallest positive log before it cannot be a leap; only the others (none, in a healthy
+    run) need the median. That spares the expanding median of a long log (seconds for a million logs)."""
+    positive = np.where(v > 0, v, np.inf)
+    floor = np.concatenate(([np.inf], np.minimum.accumulate(positive)[:-1]))  # smallest positive log before each
+    with np.errstate(invalid="ignore"):
+        candidates = np.flatnonzero(v >= jump * floor / 2)
+    if candidates.size > _FEW_CANDIDATES:
+        return pd.Series(v).expanding().median().shift(1).to_numpy(copy=True)
+    before = np.full(v.size, np.nan)
+    for i in candidates.tolist():  # a few at most
+        before[i] = np.median(v[:i]) if i else np.nan
+    return before
+
+
 def _jumps(frame: pd.DataFrame, jump: float) -> tuple[int, int, float, float] | None:
     """(index of the first jump, its length, the level before it, the peak) when the grad norm leaps `jump` x the
     median of the logs before it on two logs in a row, or `jump` squared on one; None otherwise. Any phase, any length
@@ -31,7 +52,7 @@ def _jumps(frame: pd.DataFrame, jump: float) -> tuple[int, int, float, float] | 
     v = g.to_numpy(dtype=np.float64)
     if v.size < 3:
         return None
-    before = pd.Series(v).expanding().median().shift(1).to_numpy(copy=True)
+    before = _median_before(v, jump)
     before[:2] = np.nan  # at least two logs make a level
     before[before <= 0] = np.nan  # a level of 0 (no gradient yet) gives no ratio
     with np.errstate(invalid="ignore", divide="ignore"):
