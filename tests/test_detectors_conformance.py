@@ -131,3 +131,30 @@ def test_long_series_use_the_same_rules():
     sigs = {f.signature for f in analyze(frame).runs[0].findings}
     assert "divergence" in sigs
     assert pd.api.types.is_integer_dtype(frame["step"]) and np.isfinite(frame["value"]).any()
+
+
+_norms = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-6, 1e6, allow_nan=False), st.sampled_from([0.5, 150.0, 2e4])),
+    min_size=3,
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_norms)
+def test_leap_levels_where_a_leap_can_be_are_the_expanding_median(values):
+    """exploding_gradients computes the median of the logs before a log only where a jump-fold leap is possible: at
+    every log that leaps by the full expanding median, it has the same level, and it finds no other leap."""
+    from autopsy.detectors.gradients import _median_before
+
+    v = np.asarray(values, dtype=np.float64)
+    jump = 100.0
+    full = pd.Series(v).expanding().median().shift(1).to_numpy(copy=True)
+    fast = _median_before(v, jump)
+    for before in (full, fast):
+        before[:2] = np.nan
+        before[before <= 0] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        leaps_full, leaps_fast = v / full >= jump, v / fast >= jump
+    np.testing.assert_array_equal(leaps_fast, leaps_full)
+    np.testing.assert_allclose(fast[leaps_full], full[leaps_full], rtol=1e-12)
