@@ -199,3 +199,19 @@ def test_fresh_trainer_run_end_to_end(fresh_nan_run):
     assert by["nan_grad_norm"]["step"] == 31 and by["loss_zero_collapse"]["step"] == 31
     ev = [f for f in json.loads(r.stdout)["runs"][0]["findings"] if f["signature"] == "nan_loss"]
     assert ev and ev[0]["metric"] == "eval/loss" and ev[0]["step"] == 40
+
+
+def test_the_demo_commands_succeed(tmp_path):
+    """`make demo` is the main job on a fresh machine: each of its commands (read from the Makefile) exits 0 on the
+    bundled failed run, and writes its report."""
+    from helpers.paths import REPO
+
+    make = (REPO / "Makefile").read_text()
+    demo = next(line for line in make.splitlines() if line.startswith("DEMO :="))
+    run = next(line for line in make.splitlines() if line.startswith("DEMO_RUN :="))
+    args = demo.split("analyze", 1)[1].replace("$(DEMO_RUN)", run.split(":=")[1].strip()).split()
+    for out in (None, "report.html", "report.md", "report.json"):
+        extra = ["--out", str(tmp_path / out)] if out else []
+        r = run_cli("analyze", *args, *extra, cwd=REPO)
+        assert r.returncode == 0, (out, r.stderr)
+        assert (tmp_path / out).stat().st_size > 0 if out else "FAILED" in r.stdout
