@@ -3,6 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import autopsy
 from autopsy.errors import FrameError
@@ -33,6 +35,36 @@ def test_superseded_rows():
 def test_superseded_is_per_series():
     f = make_frame(run="r", source="s", metric=["a", "b", "a", "b"], step=[1, 1, 2, 1], value=[0, 0, 0, 0])
     assert f["superseded"].tolist() == [False, True, False, False]
+
+
+def _superseded_by_the_words(metrics: list[str], steps: list[int]) -> list[bool]:
+    """The rule as the docstring states it, row by row: a row is superseded when its step is logged again later in its
+    series, or when a later row of its series (not a lone backward row) goes back below it."""
+    out = [False] * len(steps)
+    for m in set(metrics):
+        rows = [i for i, x in enumerate(metrics) if x == m]
+        s = [steps[i] for i in rows]
+        lone = [
+            k > 0 and s[k] < s[k - 1] and (k == len(s) - 1 or s[k + 1] > s[k - 1]) for k in range(len(s))
+        ]
+        for k, i in enumerate(rows):
+            later = [s[j] for j in range(k + 1, len(s)) if not lone[j]]
+            out[i] = s[k] in s[k + 1 :] or (bool(later) and min(later) < s[k])
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 12)), max_size=30),
+    st.booleans(),
+)
+def test_superseded_agrees_with_its_rule(rows, sort_steps):
+    """The vectorised rule (with its lean path for series in non-decreasing order) against the rule in words."""
+    if sort_steps:  # the common shape: every series non-decreasing, with repeated steps
+        rows = sorted(rows, key=lambda r: r[1])
+    metrics, steps = [m for m, _ in rows], [s for _, s in rows]
+    f = make_frame(run="r", source="s", metric=metrics, step=steps, value=np.zeros(len(rows)))
+    assert f["superseded"].tolist() == _superseded_by_the_words(metrics, steps)
 
 
 def test_columns_and_dtypes():

@@ -1,11 +1,13 @@
 """Line grammars of training consoles: what a metric record, a step counter, a loss-scale message and a printed config
 look like in the text a job printed.
 
-One pass over the lines (:func:`parse_console`) turns the text into *records* (one per printed metric line, HF dict or
-table row, with the step the line names, if any) plus the context a console carries (a printed ``max_steps``, the HF
-``***** Running training *****`` banner, the final summary, fp16 overflow messages, the last progress counter). How
-a log ends (a traceback, a kill) is :mod:`autopsy.importers._console_crash`'s. Lines that cannot hold a metric are
-skipped by a cheap pre-filter, so a 100k-line log of progress bars parses in well under a second.
+:func:`parse_line` reads one line into *records* (one per printed metric line, HF dict or table row, with the step
+the line names, if any, stored in a :class:`~autopsy.importers._console_records.ConsoleParse`) plus the context a
+console carries (a printed ``max_steps``, the HF ``***** Running training *****`` banner, the final summary, fp16
+overflow messages, the last progress counter); :class:`State` carries what one line leaves for the next. The pass
+over a whole log, and the bulk reading of the bare progress bars and one-line HF dicts that make up nearly all of an
+HF log, is :mod:`autopsy.importers._console_stream`'s. How a log ends (a traceback, a kill) is
+:mod:`autopsy.importers._console_crash`'s. Lines that cannot hold a metric are skipped by cheap substring gates.
 
 Grammars (each seen in real logs, ``../shared/issue-logs`` and the labelled corpora):
 
@@ -27,8 +29,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
+from autopsy.importers._console_records import BAR, DICT, PAIRS, TABLE, ConsoleParse
 from autopsy.importers._console_tokens import (
     BANNER,
     BANNER_KEYS,
@@ -61,7 +63,7 @@ from autopsy.importers._console_tokens import (
     WS_ROW,
 )
 
-__all__ = ["ConsoleParse", "parse_console", "parse_number"]
+__all__ = ["ConsoleParse", "State", "dict_value", "flush_numeric", "parse_line", "parse_number"]
 
 
 def parse_number(text: str) -> float | None:
@@ -81,37 +83,13 @@ def parse_number(text: str) -> float | None:
 
 
 @dataclass
-class ConsoleParse:
-    """What one pass over a console log found."""
-
-    # records: parallel lists, one entry per metric line / dict / table row
-    line: list[int] = field(default_factory=list)
-    step: list[int | None] = field(default_factory=list)  # from the line itself
-    epoch: list[tuple[int, int, int] | None] = field(default_factory=list)  # epoch + counter on the line: (e, i, n)
-    counter: list[tuple[int, int] | None] = field(default_factory=list)
-    kind: list[str] = field(default_factory=list)  # "dict", "pairs", "bar" (a progress bar's postfix), "table"
-    pairs: list[dict[str, float]] = field(default_factory=list)
-    raw_keys: list[dict[str, str]] = field(default_factory=list)
-    # context
-    tqdm_lines: list[tuple[int, int, int]] = field(default_factory=list)  # (line, n, total)
-    keras_epoch: list[int | None] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    max_steps_hint: int | None = None  # a counter's total (tqdm / iteration N/M), not a printed config
-    has_banner: bool = False
-    finished: bool = False
-    summary: dict[str, float] = field(default_factory=dict)
-    overflow: list[tuple[int, float]] = field(default_factory=list)  # (line, new scale)
-    scale_floor_line: int | None = None
-    last_counter: tuple[int, int] | None = None  # the last "i of n" progress the log printed
-    n_lines: int = 0
-
-
-@dataclass
-class _State:
+class State:
     """What the pass remembers from one line to the next."""
 
-    last_tqdm: int | None = None
     keras_epoch: int | None = None
+    keras_changes: list[tuple[int, int]] = field(default_factory=list)  # (line, epoch) of the headers in a chunk
+    table: tuple[list[str], str] | None = None  # the notebook table being read: its column names, its separator
+    table_next: int = -1  # the line its next row must be on
     ws_header: list[str] | None = None  # the last whitespace-table header (YOLO)
     numeric: list[tuple[int, int, float]] = field(default_factory=list)  # bare "<step> <value>" rows: (line, s, v)
 
@@ -133,55 +111,37 @@ def _is_step_key(norm: str) -> bool:
     return len(words) > 1 and words[-1] in STEP_WORDS and not METRIC_WORDS.search("_".join(words[:-1]))
 
 
+def dict_value(text: str) -> float | None:
+    """The number an HF dict prints for a key (``0.5``, ``'0.5'``, ``nan``), None for text (``'10/100'``)."""
+    v = text.strip()
+    num = parse_number(v)
+    return None if num is None or (v[:1] in "'\"" and "/" in v) else num
+
+
 def _dict_record(text: str) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     """Numbers, raw names and non-numeric strings of one printed HF dict."""
     values: dict[str, float] = {}
     raw: dict[str, str] = {}
     strings: dict[str, str] = {}
     for m in DICT_PAIR.finditer(text):
-        key, v = m.group("k").strip(), m.group("v").strip()
-        num = parse_number(v)
-        if num is None or (v[:1] in "'\"" and "/" in v):
-            strings[key] = v.strip("'\"")
+        key, v = m.group("k").strip(), m.group("v")
+        num = dict_value(v)
+        if num is None:
+            strings[key] = v.strip().strip("'\"")
             continue
         values[key] = num
         raw[key] = key
     return values, raw, strings
 
 
-def _add(
-    out: ConsoleParse,
-    st: _State,
-    line: int,
-    step: int | None,
-    kind: str,
-    values: dict[str, float],
-    raw: dict[str, str],
-    *,
-    epoch: tuple[int, int, int] | None = None,
-    counter: tuple[int, int] | None = None,
-) -> None:
-    out.line.append(line)
-    out.step.append(step)
-    out.epoch.append(epoch)
-    out.counter.append(counter)
-    out.kind.append(kind)
-    out.pairs.append(values)
-    out.raw_keys.append(raw)
-    out.keras_epoch.append(st.keras_epoch)
-    if epoch is not None:
-        out.last_counter = epoch[1:]
-    elif counter is not None:
-        out.last_counter = counter
-
-
-def _hf_dict(out: ConsoleParse, st: _State, lines: list[str], i: int) -> int:
-    """An HF Trainer dict (possibly wrapped over lines); returns the index of the next line."""
-    start = i
-    body = lines[i][lines[i].index("{'") :]
-    while "}" not in body and i + 1 < len(lines) and i - start < 50:  # a dict wrapped by the terminal
-        i += 1
-        body += lines[i]
+def _hf_dict(out: ConsoleParse, st: State, first: str, lines: list[str], j: int, base: int) -> int:
+    """An HF Trainer dict (possibly wrapped over lines) starting on ``first`` (``lines[j]`` cleaned of markdown
+    quotes); returns the index of the next line."""
+    start = j
+    body = first[first.index("{'") :]
+    while "}" not in body and j + 1 < len(lines) and j - start < 50:  # a dict wrapped by the terminal
+        j += 1
+        body += lines[j]
     values, raw, strings = _dict_record(body[: body.find("}") + 1] if "}" in body else body)
     step = None
     gs = strings.get("global_step/max_steps")
@@ -198,19 +158,20 @@ def _hf_dict(out: ConsoleParse, st: _State, lines: list[str], i: int) -> int:
         out.summary.update(values)
         out.finished = True
     elif values:
-        _add(out, st, start, step, "dict", values, raw)
-    return i + 1
+        out.add(base + start, step, DICT, values, raw, keras=st.keras_epoch)
+    return j + 1
 
 
-def _context_line(out: ConsoleParse, st: _State, i: int, line: str) -> None:
+def _context_line(out: ConsoleParse, st: State, i: int, line: str) -> None:
     """What a line says about the run besides metrics: a tqdm counter, a scale floor, config, the end."""
     if "/" in line and "[" in line:
         t = TQDM.search(line)
         if t is not None:
-            st.last_tqdm = int(t.group("i"))
-            total = int(t.group("n"))
-            out.tqdm_lines.append((i, st.last_tqdm, total))
-            out.last_counter = (st.last_tqdm, total)
+            n, total = int(t.group("i")), int(t.group("n"))
+            out.tq_line.append(i)
+            out.tq_i.append(n)
+            out.tq_n.append(total)
+            out.counter_at(i, (n, total))
             if EPOCH.search(line[: t.start()]) is None:
                 out.max_steps_hint = max(out.max_steps_hint or 0, total)
     if "minimum" in line and SCALE_FLOOR.search(line):
@@ -221,7 +182,7 @@ def _context_line(out: ConsoleParse, st: _State, i: int, line: str) -> None:
         out.finished = True
 
 
-def _special_line(out: ConsoleParse, st: _State, i: int, line: str) -> bool:
+def _special_line(out: ConsoleParse, st: State, i: int, line: str) -> bool:
     """Lines of a grammar of their own; True when the line was one."""
     if "verflow" in line or "OVERFLOW" in line:
         m = OVERFLOW.search(line)
@@ -232,18 +193,18 @@ def _special_line(out: ConsoleParse, st: _State, i: int, line: str) -> bool:
     kh = KERAS_HEADER.match(line)
     if kh is not None:
         st.keras_epoch = int(kh.group("e"))
+        st.keras_changes.append((i, st.keras_epoch))
         out.config.setdefault("_epochs_planned", int(kh.group("etot")))
         return True
     va = VAL_AT_ITER.search(line) if ("oss " in line or "OSS " in line) else None
     if va is not None:
-        _add(
-            out,
-            st,
+        out.add(
             i,
             int(va.group("s")),
-            "pairs",
+            PAIRS,
             {"eval_loss": parse_number(va.group("v")) or math.nan},
             {"eval_loss": "validation loss"},
+            keras=st.keras_epoch,
         )
         return True
     words = line.split()
@@ -268,7 +229,7 @@ def _special_line(out: ConsoleParse, st: _State, i: int, line: str) -> bool:
     return False
 
 
-def _ws_row(out: ConsoleParse, st: _State, i: int, line: str) -> None:
+def _ws_row(out: ConsoleParse, st: State, i: int, line: str) -> None:
     """A row of a whitespace table (YOLO): cells by the header's position; the step is the epoch of ``e/E``."""
     assert st.ws_header is not None
     cells = line.split()
@@ -279,70 +240,67 @@ def _ws_row(out: ConsoleParse, st: _State, i: int, line: str) -> None:
         if v is not None and not cell.endswith(("G", "M")) and name not in ("labels", "instances", "img_size", "size"):
             values[name] = v
     if values:
-        _add(out, st, i, e, "table", values, {k: k for k in values}, counter=(e, n))
+        out.add(i, e, TABLE, values, {k: k for k in values}, keras=st.keras_epoch, counter=(e, n))
 
 
-def _flush_numeric(out: ConsoleParse, st: _State) -> None:
+def flush_numeric(out: ConsoleParse, st: State) -> None:
     """Bare ``<step> <value>`` rows count as (step, loss) when there are at least 3 with a rising step."""
     rows = st.numeric
     if len(rows) >= 3 and all(b[1] > a[1] for a, b in zip(rows, rows[1:])):
         for ln, s, v in rows:
-            _add(out, st, ln, s, "table", {"loss": v}, {"loss": "column 2"})
+            out.add(ln, s, TABLE, {"loss": v}, {"loss": "column 2"}, keras=st.keras_epoch)
     st.numeric = []
 
 
-def parse_console(text: str) -> ConsoleParse:
-    """One pass over the (cleaned) text of a console log."""
-    out = ConsoleParse()
-    st = _State()
-    lines = text.splitlines()
-    out.n_lines = len(lines)
-    i, n = 0, len(lines)
-    while i < n:
-        line = lines[i]
-        if line.startswith(("> ", ">", "`")) or "```" in line:
-            line = lines[i] = QUOTE.sub("", line)
-        if line[:1] in "IWEF" and GLOG.match(line):
-            line = lines[i] = GLOG.sub("", line)
-        if not line or line.isspace() or line.startswith("# "):
-            i += 1  # blank, or a comment around a pasted log (never a metric line)
-            continue
-        _context_line(out, st, i, line)
-        if "{'" in line:
-            i = _hf_dict(out, st, lines, i)
-            continue
-        if _special_line(out, st, i, line):
-            i += 1
-            continue
-        if ("|" in line or "\t" in line) and TABLE_HEADER.match(line):
-            sep = "|" if "|" in line else "\t"
-            header = [c.strip() for c in line.strip().strip("|").split(sep)]
-            i = _table(out, st, lines, i + 1, header, sep)
-            continue
-        if RECORD_HINT.search(line) and not line.lstrip().startswith("#"):
-            _pairs_record(out, st, i, line)
-        i += 1
-    _flush_numeric(out, st)
-    return out
+def parse_line(out: ConsoleParse, st: State, lines: list[str], j: int, base: int) -> int:
+    """Line ``j`` of ``lines`` (line ``base + j`` of the log) by the line grammars; returns the index of the next
+    line to read (past the lines a wrapped HF dict took)."""
+    i = base + j
+    line = lines[j]
+    if st.table is not None:
+        if i == st.table_next and _table_row(out, st, i, line):
+            st.table_next = i + 1
+            return j + 1
+        st.table = None
+    if line.startswith(("> ", ">", "`")) or "```" in line:
+        line = QUOTE.sub("", line)
+    if line[:1] in "IWEF" and GLOG.match(line):
+        line = GLOG.sub("", line)
+    if not line or line.isspace() or line.startswith("# "):
+        return j + 1  # blank, or a comment around a pasted log (never a metric line)
+    _context_line(out, st, i, line)
+    if "{'" in line:
+        return _hf_dict(out, st, line, lines, j, base)
+    if _special_line(out, st, i, line):
+        return j + 1
+    if ("|" in line or "\t" in line) and TABLE_HEADER.match(line):
+        sep = "|" if "|" in line else "\t"
+        header = [c.strip() for c in line.strip().strip("|").split(sep)]
+        names = [_clean_key(h).lower().replace(" ", "_").replace("_/_", "/") for h in header]
+        st.table, st.table_next = (names, sep), i + 1
+        return j + 1
+    if RECORD_HINT.search(line) and not line.lstrip().startswith("#"):
+        _pairs_record(out, st, i, line)
+    return j + 1
 
 
-def _table(out: ConsoleParse, st: _State, lines: list[str], i: int, header: list[str], sep: str) -> int:
-    """Rows of a notebook progress table under ``header``; returns the index of the first line after it."""
-    names = [_clean_key(h).lower().replace(" ", "_").replace("_/_", "/") for h in header]
-    while i < len(lines):
-        cells = [c.strip() for c in lines[i].strip().strip("|").split(sep)]
-        if len(cells) < 2 or not set(cells[0]) <= set("-: "):
-            if len(cells) < 2 or not cells[0].isdigit():
-                break
-            values: dict[str, float] = {}
-            for name, cell in zip(names[1:], cells[1:]):
-                v = parse_number(cell)
-                if v is not None:
-                    values[name] = v
-            if values:
-                _add(out, st, i, int(cells[0]), "table", values, {k: k for k in values})
-        i += 1
-    return i
+def _table_row(out: ConsoleParse, st: State, i: int, line: str) -> bool:
+    """A row of the notebook progress table being read (or its ``---|---`` rule); False where the table ends."""
+    assert st.table is not None
+    names, sep = st.table
+    cells = [c.strip() for c in line.strip().strip("|").split(sep)]
+    if len(cells) >= 2 and set(cells[0]) <= set("-: "):
+        return True
+    if len(cells) < 2 or not cells[0].isdigit():
+        return False
+    values: dict[str, float] = {}
+    for name, cell in zip(names[1:], cells[1:]):
+        v = parse_number(cell)
+        if v is not None:
+            values[name] = v
+    if values:
+        out.add(i, int(cells[0]), TABLE, values, {k: k for k in values}, keras=st.keras_epoch)
+    return True
 
 
 def _config_line(out: ConsoleParse, line: str) -> None:
@@ -377,7 +335,7 @@ def _eval_phase(line: str, first_key_at: int) -> bool:
     return PHASE.search(head) is not None and TRAIN_WORD.search(line) is None
 
 
-def _pairs_record(out: ConsoleParse, st: _State, i: int, line: str) -> None:
+def _pairs_record(out: ConsoleParse, st: State, i: int, line: str) -> None:
     values: dict[str, float] = {}
     raw: dict[str, str] = {}
     step: int | None = None
@@ -405,7 +363,7 @@ def _pairs_record(out: ConsoleParse, st: _State, i: int, line: str) -> None:
         return  # prose or a config dump, not a metric line
     epoch = counter = None
     t = TQDM.search(line)
-    kind = "bar" if t is not None and matches and first_metric is not None and first_metric > t.end() else "pairs"
+    kind = BAR if t is not None and matches and first_metric is not None and first_metric > t.end() else PAIRS
     e = EPOCH.search(line)
     if e is not None:
         c = COUNTER.search(line, e.end())
@@ -418,4 +376,4 @@ def _pairs_record(out: ConsoleParse, st: _State, i: int, line: str) -> None:
             out.max_steps_hint = max(out.max_steps_hint or 0, counter[1])
         elif t is not None:
             counter = (int(t.group("i")), int(t.group("n")))
-    _add(out, st, i, step, kind, values, raw, epoch=epoch, counter=counter)
+    out.add(i, step, kind, values, raw, keras=st.keras_epoch, epoch=epoch, counter=counter)

@@ -96,3 +96,24 @@ FINISHED = re.compile(
 )
 # notebook progress tables (HF/TRL in Jupyter, copied as text): "Step | Training Loss | ..." then numeric rows
 TABLE_HEADER = re.compile(r"^\s*\|?\s*(?:Step|Epoch)\s*(?:\||\t)(?=.*loss)", re.IGNORECASE)
+
+# --- the two shapes of nearly every line of an HF Trainer log, read in bulk ----------------------------
+# A bare tqdm bar ("  5%|▌    | 1234/25000 [02:49<54:12,  7.30it/s]"): no description, no postfix, so nothing on it
+# but the counter for any other grammar to read.
+_STRICT_BAR = (
+    r"[ \t]*\d{1,3}%\|[^|\n/\[A-Za-z_]*\| *(\d+)/(\d+) \[(?:\d+:)?\d+:\d+<(?:(?:\d+:)?\d+:\d+|\?),"
+    r" *(?:[\d.]+|\?) ?(?:it/s|s/it)\][ \t]*"
+)
+# One match per line of bar-like lines joined with "\n" (lines that end the way a bar does): (n, total) for a bare
+# bar, two empty strings for any other line. Run over the text's UTF-8 bytes (twice as fast as over its str): every
+# class is ASCII, so a line matches as bytes exactly where it matches as text, but for a bar counted in non-ASCII
+# digits, which the line grammars then read.
+BAR_LINE = re.compile(rf"^(?:{_STRICT_BAR}$|[^\n]*$)".encode(), re.MULTILINE)
+BAR_ENDS = ("it/s]", "s/it]")
+DICT_START = "{'"  # a line that starts an HF dict
+# What makes a line that starts with an HF dict one for the line grammars after all: a tqdm counter ("["), the end
+# of training ("rain": 'train_runtime', "Training completed"), the loss-scale floor, a step key ('step',
+# 'global_step/max_steps'); a dict not closed on its line is wrapped, and theirs too.
+DICT_LINE_GRAMMAR = ("[", "rain", "minimum", "step")
+# DICT_PAIR, for one-line dicts.
+BULK_PAIR = re.compile(r"'([^'\n]+)'\s*:\s*('[^'\n]*'|\"[^\"\n]*\"|[^,}\n]+)")

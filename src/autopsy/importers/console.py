@@ -1,12 +1,16 @@
 """Console logs: what a training job printed (``nohup.out``, ``slurm-1234.out``, a CI log, lines pasted in an issue).
 
-The text is cleaned (ANSI escapes, ``\\r`` progress-bar rewrites, NUL and non-UTF-8 bytes dropped), parsed by the
-line grammars of :mod:`autopsy.importers._console_formats`, and turned into the canonical frame
-(``source="console"``). Steps come from the line when it names one (``step``/``iter`` keys, ``Epoch [e][i/N]``
-counters, tqdm's ``n/total`` beside an HF dict); otherwise they are inferred in order, and
-``RunInfo.notes`` says how. What the log says about its end goes into ``RunInfo``: ``finished`` (a final summary
-was printed), ``max_steps`` (a printed ``Total optimization steps``/``max_steps``, else a counter's total), and
-``crash`` (kind, exception, message, OOM sizes, last lines), which the ``crash`` detector reads.
+The text is read a chunk at a time and cleaned (ANSI escapes, control characters, NUL and non-UTF-8 bytes dropped;
+every line break, a progress bar's ``\\r`` rewrite too, as ``\\n``), parsed in one pass
+(:mod:`autopsy.importers._console_stream`: bare progress bars and one-line HF dicts in bulk, every other line by the
+line grammars of :mod:`autopsy.importers._console_formats`), and turned into the canonical frame
+(``source="console"``); memory holds a chunk of text, the records as typed arrays and the lines after the last
+record, never the whole log. Steps come from the line when it names one (``step``/``iter`` keys, ``Epoch [e][i/N]``
+counters, tqdm's ``n/total`` beside an HF dict); otherwise they are inferred in order
+(:mod:`autopsy.importers._console_steps`), and ``RunInfo.notes`` says how. What the log says about its end goes
+into ``RunInfo``: ``finished`` (a final summary was printed), ``max_steps`` (a printed ``Total optimization
+steps``/``max_steps``, else a counter's total), and ``crash`` (kind, exception, message, OOM sizes, last lines),
+which the ``crash`` detector reads.
 
 Each log file is a run of its own, unless it sits inside a run another source found (an HF output dir holding its
 ``train.log``): two logs in one folder are two jobs, never one merged curve.
@@ -14,10 +18,10 @@ Each log file is a run of its own, unless it sits inside a run another source fo
 
 from __future__ import annotations
 
-import bisect
 import codecs
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 from autopsy.errors import UnreadableError
-from autopsy.frame import concat_frames, empty_frame, make_frame
+from autopsy.frame import concat_frames, empty_frame, labelled_codes, make_frame
 from autopsy.importers._base import Imported, ReadOptions
 from autopsy.importers._console_crash import find_crash
-from autopsy.importers._console_formats import ConsoleParse, parse_console
+from autopsy.importers._console_records import BAR, ConsoleParse
+from autopsy.importers._console_steps import resolve_steps, training_bars
+from autopsy.importers._console_stream import parse_console
 from autopsy.importers._console_tokens import ANSI, CONTROL
 from autopsy.metrics import canonical_metric
 from autopsy.runinfo import Crash, Damage, LogStats, RunInfo
@@ -77,15 +83,14 @@ _LOSS_FALLBACK = (
     "total",  # YOLO's table: the sum of its box/obj/cls losses
 )
 _GRAD_FALLBACK = ("norm", "grad_norm_avg", "total_grad_norm")
-_BAR_DISTANCE = 3  # lines between an HF dict and its progress bar (a blank line each side in LLaMA-Factory logs)
 _CONFIG_PRIVATE = ("_epochs_planned", "_steps_per_epoch")
 
 
 _SPLITS = ("train", "training", "valid", "val", "validation", "eval", "test")
 
 
-def _metric_name(key: str, kind: str) -> str:
-    if kind == "dict":
+def _metric_name(key: str, from_dict: bool) -> str:
+    if from_dict:
         return canonical_metric(key, hf_flat=True)
     # "val_loss valid" / "loss train" (LitGPT): a split word after a loss name names the split
     head, _, split = key.rpartition("_")
@@ -97,25 +102,45 @@ def _metric_name(key: str, kind: str) -> str:
 _CHUNK = 1 << 20  # bytes decoded and cleaned at a time
 
 
-def _clean(text: str) -> str:
+_CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+
+
+def _clean(text: str, *, control: bool = True) -> str:
+    """ANSI escapes and control characters out; every line break as ``\\n`` (:func:`_line_breaks`). ``control``
+    False says the bytes held no control character (so no break but ``\\n``, ``\\r`` and the rare U+0085,
+    U+2028, U+2029)."""
     if "\x1b" in text or "^[[" in text:
         text = ANSI.sub("", text)
-    return CONTROL.sub("", text)
+    if control:
+        return _line_breaks(CONTROL.sub("", text))
+    if "\ufffd" in text:
+        text = text.replace("\ufffd", "")
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        return _line_breaks(text)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def _read_text(fh: Any, file: str, limit: int = MAX_BYTES) -> tuple[str, list[str]]:
-    """Text of a log read in chunks, with binary and non-UTF-8 bytes dropped; notes say what was dropped.
+_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
-    Each chunk is decoded and cleaned (ANSI escapes, control characters) before the next is read, so
-    memory holds the cleaned text and one chunk, never the raw bytes beside their decoded copy: a
-    binary or NUL-filled file costs next to nothing."""
-    notes: list[str] = []
+
+def _line_breaks(text: str) -> str:
+    """Every line break ``str.splitlines`` knows (``\\r\\n``, the bare ``\\r`` of a progress bar's rewrite, U+2028...)
+    as ``\\n``."""
+    return _BREAKS.sub("\n", text) if _BREAKS.search(text) else text
+
+
+def _text_chunks(fh: Any, file: str, notes: list[str], limit: int = MAX_BYTES) -> Iterator[str]:
+    """The text of a log, read and cleaned a chunk at a time (each ends on a line break where the chunk holds one),
+    with binary and non-UTF-8 bytes dropped; ``notes`` gets what was dropped once the text is read.
+
+    Memory holds a chunk, never the raw bytes beside their decoded copy: a binary or NUL-filled file costs next to
+    nothing, and a million-line log is never held whole."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pieces: list[str] = []
-    carry = ""  # the end of a chunk that may hold the start of an ANSI escape cut by the chunk border
+    carry = ""  # text after the chunk's last line break
     bad = 0
     left = limit
     head: bytearray | None = bytearray()
+    flagged = False  # the carry's bytes held a control character
     while True:
         data = fh.read(min(_CHUNK, left)) if left > 0 else b""
         left -= len(data)
@@ -125,104 +150,26 @@ def _read_text(fh: Any, file: str, limit: int = MAX_BYTES) -> tuple[str, list[st
                 if head and head.count(b"\x00") / len(head) > 0.3:
                     notes.append(f"{file}: looks binary (NUL bytes), not a text log; its text fragments were read")
                 head = None
-        text = carry + decoder.decode(data, final=not data)
+        now = len(data.translate(None, _CONTROL_BYTES)) != len(data)
+        control, flagged = now or flagged, now
+        decoded = decoder.decode(data, final=not data)
+        text = carry + decoded
         carry = ""
         if data:
             cut = text.rfind("\n") + 1
-            if cut == 0:  # no line end in the chunk: keep back a possible escape's start
+            if cut == 0:  # no line break in the chunk: keep back a possible escape's start
                 esc = max(text.rfind("\x1b"), text.rfind("^"))
                 cut = esc if esc >= 0 and len(text) - esc < 64 else len(text)
             text, carry = text[:cut], text[cut:]
+            if len(carry) > len(decoded):  # the carry holds text of an earlier read too
+                flagged = control
         bad += text.count("\ufffd")
         if text:
-            pieces.append(_clean(text))
+            yield _clean(text, control=control)
         if not data:
             break
     if bad:
         notes.append(f"{file}: {bad} byte(s) that are not UTF-8 were skipped")
-    return "".join(pieces), notes
-
-
-def _resolve_steps(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
-    """One step per record, and a sentence saying where the steps came from."""
-    n = len(p.line)
-    steps = np.full(n, -1, dtype=np.int64)
-    how: dict[str, int] = {}
-    epochs = [e for e in p.epoch if e is not None]
-    base = 0 if any(e[0] == 0 for e in epochs) else 1
-    bars = _training_bars(p)
-    tq_lines = [ln for ln, _, _ in bars]
-    for r in range(n):
-        src = None
-        step, epoch, counter, keras = p.step[r], p.epoch[r], p.counter[r], p.keras_epoch[r]
-        if step is not None:
-            steps[r], src = step, "the step printed on each line"
-        elif epoch is not None:
-            e, i, tot = epoch
-            steps[r], src = (
-                (e - base) * tot + i,
-                f"epoch x iterations-per-epoch + iteration (epochs counted from {base})",
-            )
-        elif counter is not None:
-            steps[r], src = counter[0], "the iteration counter on each line"
-        elif p.kind[r] == "dict" and bars:
-            # the training bar is printed right beside each dict (before it, or re-printed after the first);
-            # a bar further away is another bar (loading weights, evaluation)
-            k = bisect.bisect_right(tq_lines, p.line[r])
-            if k > 0 and p.line[r] - tq_lines[k - 1] <= _BAR_DISTANCE:
-                steps[r] = bars[k - 1][1]
-            elif k < len(tq_lines) and tq_lines[k] - p.line[r] <= _BAR_DISTANCE:
-                steps[r] = bars[k][1]
-            if steps[r] >= 0:
-                src = "the progress bar's step printed beside each HF log dict"
-        elif keras is not None:
-            steps[r], src = keras, "the epoch number (Keras 'Epoch e/E' headers): one point per epoch"
-        if src:
-            how[src] = how.get(src, 0) + 1
-    missing = steps < 0
-    if missing.all() and n:
-        steps, src = _infer_order(p, info)
-        how[src] = n
-    elif missing.any():
-        # lines without their own step take the previous line's (summaries printed after a logged step)
-        s = pd.Series(np.where(missing, np.nan, steps.astype(float))).ffill().fillna(0)
-        steps = s.to_numpy().astype(np.int64)
-        how["the previous line's step (lines without a step of their own)"] = int(missing.sum())
-    sentence = "; ".join(f"{k} ({v} lines)" for k, v in how.items())
-    return steps, sentence
-
-
-def _training_bars(p: ConsoleParse) -> list[tuple[int, int, int]]:
-    """The training progress bar's lines: the printed max_steps as total, else the most printed total
-    (other bars -- loading weights, writing shards, evaluation -- have other totals)."""
-    if not p.tqdm_lines:
-        return []
-    totals = [t for _, _, t in p.tqdm_lines if t > 1]
-    want = p.config.get("max_steps")
-    if want is not None and want not in totals:
-        return []  # a printed plan and no bar with that total: no training bar (disable_tqdm)
-    if want is None:
-        if not totals:
-            return []
-        want = max(set(totals), key=totals.count)
-    return [b for b in p.tqdm_lines if b[2] == want]
-
-
-def _infer_order(p: ConsoleParse, info: RunInfo) -> tuple[np.ndarray, str]:
-    """No step anywhere: HF dicts from epoch x steps-per-epoch when known, else counted in order."""
-    n = len(p.line)
-    logging_steps = int(info.logging_steps or p.config.get("logging_steps") or 1)
-    is_train = np.array([not all(k.startswith(("eval_", "test_")) for k in d) for d in p.pairs], dtype=bool)
-    epoch = np.array([d.get("epoch", np.nan) for d in p.pairs], dtype=float)
-    spe = p.config.get("_steps_per_epoch")
-    if spe and np.isfinite(epoch).all() and p.kind.count("dict") == n:
-        steps = np.maximum(np.round(epoch * float(spe)), 1).astype(np.int64)
-        return steps, f"epoch x {spe:g} steps per epoch (the printed 'Num update steps per epoch')"
-    count = np.cumsum(is_train)
-    count = np.maximum(count, 1)
-    steps = (count * logging_steps).astype(np.int64)
-    where = "a printed logging_steps" if p.config.get("logging_steps") else "1 step per line: logging_steps unknown"
-    return steps, f"counting the logged lines in order x {logging_steps} ({where}); the log prints no step"
 
 
 # train metrics that are not the loss, when the log names its training objective "train_<something>"
@@ -258,15 +205,22 @@ def _dedupe_stale_bars(p: ConsoleParse) -> int:
     """A progress bar re-printed with the same postfix (Lightning freezes it while validation runs) is one
     measurement, not a flat curve: consecutive bar records with identical values keep the first. Returns how many
     were dropped."""
-    keep = [
-        not (k == "bar" and r > 0 and p.kind[r - 1] == "bar" and p.pairs[r] == p.pairs[r - 1])
-        for r, k in enumerate(p.kind)
-    ]
-    dropped = keep.count(False)
+    kind = p.array("kind")
+    twice = np.flatnonzero((kind[1:] == BAR) & (kind[:-1] == BAR)) + 1
+    if not len(twice):
+        return 0
+    starts = np.searchsorted(p.array("v_rec"), np.arange(len(kind) + 1)).tolist()
+    codes, vals = p.array("v_code").tolist(), p.array("v_val").tolist()
+
+    def values(r: int) -> dict[str, float]:
+        return {p.names[c][0]: v for c, v in zip(codes[starts[r] : starts[r + 1]], vals[starts[r] : starts[r + 1]])}
+
+    keep = np.ones(len(kind), dtype=bool)
+    for r in twice.tolist():
+        keep[r] = values(r) != values(r - 1)
+    dropped = int((~keep).sum())
     if dropped:
-        for name in ("line", "step", "epoch", "counter", "kind", "pairs", "raw_keys", "keras_epoch"):
-            values = getattr(p, name)
-            setattr(p, name, [v for v, ok in zip(values, keep) if ok])
+        p.keep(keep)
     return dropped
 
 
@@ -286,48 +240,62 @@ def _config_into_info(p: ConsoleParse, info: RunInfo) -> None:
         info.max_steps = int(p.max_steps_hint)
 
 
-def _rows(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[str, list[Any]]:
-    """Long rows (metric, raw name, step, value) of every record and every loss-scale message."""
-    rows: dict[str, list[Any]] = {"metric": [], "raw_metric": [], "step": [], "value": []}
-    for r, values in enumerate(p.pairs):
-        raw = p.raw_keys[r]
-        for key, value in values.items():
-            rows["metric"].append(_metric_name(key, p.kind[r]))
-            rows["raw_metric"].append(raw.get(key, key))
-            rows["step"].append(int(steps[r]))
-            rows["value"].append(value)
-    rename = _fallback_names(set(rows["metric"]))
+def _overflow_rows(p: ConsoleParse, info: RunInfo, file: str) -> tuple[list[str], list[str], list[int], list[float]]:
+    """fp16 loss-scale messages: each is a skipped step with the new scale, at the training bar's step before it."""
+    metric: list[str] = []
+    raw: list[str] = []
+    steps: list[int] = []
+    values: list[float] = []
+    bar_lines, bar_steps = training_bars(p)
+    for k, (ln, scale) in enumerate(p.overflow):
+        if len(bar_lines):
+            j = int(np.searchsorted(bar_lines, ln, side="right")) - 1
+            s = int(bar_steps[j]) if j >= 0 else max(int(bar_steps[0]) - 1, 0)
+        else:
+            s = k + 1
+        metric += ["train/loss_scale", "train/overflow"]
+        raw += ["loss scale (overflow message)", "overflow message"]
+        steps += [s, s]
+        values += [scale, 1.0]
+    if p.overflow and not len(bar_lines):
+        info.notes.append(f"{file}: loss-scale messages carry no step: numbered 1..{len(p.overflow)} in order")
+    return metric, raw, steps, values
+
+
+def _frame(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str, run: str) -> pd.DataFrame:
+    """The long frame (metric, raw name, step, value) of every record and every loss-scale message."""
+    rec, codes, vals = p.array("v_rec"), p.array("v_code"), p.array("v_val")
+    metric = [_metric_name(key, from_dict) for key, _, from_dict in p.names]
+    rename = _fallback_names(set(metric[c] for c in np.unique(codes).tolist()))
     if rename:
-        rows["metric"] = [rename.get(m, m) for m in rows["metric"]]
+        metric = [rename.get(m, m) for m in metric]
         info.notes.append(
             f"{file}: " + ", ".join(f"{a!r} read as {b}" for a, b in rename.items()) + " (the log has no plain one)"
         )
-    if p.overflow:  # fp16 loss-scale messages: each is a skipped step with the new scale
-        bars = _training_bars(p)
-        tq_lines = [ln for ln, _, _ in bars]
-        ov_steps = []
-        for k, (ln, _) in enumerate(p.overflow):
-            if tq_lines:
-                j = bisect.bisect_right(tq_lines, ln) - 1
-                ov_steps.append(bars[j][1] if j >= 0 else max(bars[0][1] - 1, 0))
-            else:
-                ov_steps.append(k + 1)
-        if not tq_lines:
-            info.notes.append(f"{file}: loss-scale messages carry no step: numbered 1..{len(p.overflow)} in order")
-        for s, (_, scale) in zip(ov_steps, p.overflow):
-            rows["metric"] += ["train/loss_scale", "train/overflow"]
-            rows["raw_metric"] += ["loss scale (overflow message)", "overflow message"]
-            rows["step"] += [s, s]
-            rows["value"] += [scale, 1.0]
-    return rows
+    raw = [name for _, name, _ in p.names]
+    step = steps[rec]
+    ov_metric, ov_raw, ov_steps, ov_values = _overflow_rows(p, info, file)
+    if ov_metric:  # the messages' names take codes after the records'
+        codes = np.concatenate([codes, len(p.names) + np.arange(len(ov_metric))])
+        metric, raw = metric + ov_metric, raw + ov_raw
+        step = np.concatenate([step, np.asarray(ov_steps, dtype=np.int64)])
+        vals = np.concatenate([vals, np.asarray(ov_values, dtype=np.float64)])
+    if not len(vals):
+        return empty_frame()
+    return make_frame(
+        run=run,
+        source=SOURCE,
+        metric=labelled_codes(codes, metric),
+        raw_metric=labelled_codes(codes, raw),
+        step=step,
+        value=vals,
+    )
 
 
-def _end_of_log(text: str, p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[str, Any] | None:
+def _end_of_log(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str) -> dict[str, Any] | None:
     """A crash after the last metric line (comment lines, ``# ...``, are notes around a pasted log, never one)."""
-    lines = text.splitlines()
-    start = p.line[-1] if p.line else 0
-    tail = "\n".join("" if ln.lstrip().startswith("# ") else ln for ln in lines[start:])
-    crash = find_crash(tail, offset_line=start)
+    tail = "\n".join("" if ln.lstrip().startswith("# ") else ln for ln in p.tail)
+    crash = find_crash(tail, offset_line=p.tail_start)
     if crash is not None:
         p.finished = False
         info.crash = Crash.from_dict({**crash, "file": file, "last_step": int(steps[-1]) if len(steps) else None})
@@ -339,30 +307,33 @@ def _end_of_log(text: str, p: ConsoleParse, steps: np.ndarray, info: RunInfo, fi
 
 def parse_console_text(text: str, *, run: str = "console", file: str = "<text>") -> Imported:
     """Parse the text of a console log into a canonical frame and its :class:`RunInfo`."""
+    return _parse(iter([_line_breaks(text)]), run=run, file=file)
+
+
+def _parse(chunks: Iterator[str], *, run: str, file: str) -> Imported:
     info = RunInfo(name=run, sources=[SOURCE], files=[file])
-    p = parse_console(text)
+    p = parse_console(chunks)
     stale = _dedupe_stale_bars(p)
     if stale:
         info.notes.append(
             f"{file}: {stale} progress-bar line(s) re-printed the same values (a stale postfix): read once"
         )
     _config_into_info(p, info)
-    steps, how = _resolve_steps(p, info)
-    rows = _rows(p, steps, info, file)
-    frame = make_frame(run=run, source=SOURCE, **rows) if rows["metric"] else empty_frame()
-    crash = _end_of_log(text, p, steps, info, file)
+    steps, how = resolve_steps(p, info)
+    frame = _frame(p, steps, info, file, run)
+    crash = _end_of_log(p, steps, info, file)
     stats = LogStats(
         file=file,
         lines=p.n_lines,
-        records=len(p.line),
+        records=len(p),
         step_axis=how,
         printed_start=p.has_banner,
         overflow_messages=len(p.overflow),
         last_counter=p.last_counter,
     )
     info.logs.append(stats)
-    if p.line:
-        info.notes.append(f"{file}: {len(p.line)} metric lines read; steps from {how}")
+    if len(p):
+        info.notes.append(f"{file}: {len(p)} metric lines read; steps from {how}")
         if len(steps):
             info.global_step = int(steps.max())
     elif crash is not None:
@@ -395,10 +366,10 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
                             salvaged="its last GiB",
                         )
                     )
-                text, notes = _read_text(fh, str(path))
+                notes: list[str] = []
+                got = _parse(_text_chunks(fh, str(path), notes), run=run, file=str(path))
         except OSError as exc:
             raise UnreadableError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        got = parse_console_text(text, run=run, file=str(path))
         file_info = got.runs[run]
         file_info.notes[:0] = notes
         file_info.damage[:0] = damage

@@ -1,0 +1,235 @@
+"""The pass over a whole console log, a chunk of lines at a time, with the two shapes that make up nearly every line
+of an HF Trainer log read in bulk.
+
+A million-line HF log is half bare tqdm bars (``  5%|▌    | 1234/25000 [02:49<54:12,  7.30it/s]``) and half one-line
+dicts of numbers (``{'loss': 1.52, 'grad_norm': 0.61, ...}``). One compiled regex over a chunk's text
+(:data:`~autopsy.importers._console_tokens.LINE_KIND`) says which lines are of these two strict shapes; their bars
+and values are read in bulk (one ``findall``, numpy's number parsing), and only the other lines go through the line
+grammars one by one (:func:`~autopsy.importers._console_formats.parse_line`). A strict line is one the line grammars
+would read the same way (a bar with no description or postfix, a dict of plain numbers naming no step and no end of
+training); anything else takes the line-by-line path, so both paths give the same records.
+
+Memory stays bounded: a chunk of text at a time, the records as typed arrays, and of the text itself only the lines
+after the last record (where :func:`~autopsy.importers._console_crash.find_crash` looks), at most
+:data:`TAIL_LINES` of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from itertools import chain, compress, repeat
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from autopsy.importers._console_formats import State, dict_value, flush_numeric, parse_line
+from autopsy.importers._console_records import NO, ConsoleParse
+from autopsy.importers._console_tokens import BAR_ENDS, BAR_LINE, BULK_PAIR, DICT_LINE_GRAMMAR, DICT_START
+
+__all__ = ["TAIL_LINES", "parse_console"]
+
+_MARGIN = 64  # lines held back at a chunk's end: a wrapped HF dict (up to 50 lines) is read whole
+TAIL_LINES = 100_000  # lines kept after the last record, for the crash a log ends with
+
+
+def parse_console(chunks: Iterable[str]) -> ConsoleParse:
+    """One pass over the (cleaned) text of a console log, given as pieces (any split; lines may span pieces)."""
+    out = ConsoleParse()
+    st = State()
+    carry: list[str] = []  # the unread lines of the last piece
+    partial = ""  # a line cut by the piece's end
+    base = 0  # the log's line number of carry[0]
+    pieces = iter(chunks)
+    piece = next(pieces, None)
+    while piece is not None:
+        following = next(pieces, None)
+        final = following is None
+        parts = (partial + piece).split("\n")
+        partial = "" if final else parts.pop()
+        if final and parts[-1] == "":
+            parts.pop()  # the text ends with a line break
+        lines = carry + parts if carry else parts
+        stop = len(lines) if final else max(len(lines) - _MARGIN, 0)
+        done = _read_lines(out, st, lines, base, stop) if stop else 0
+        _keep_tail(out, st, lines, base, done)
+        carry = lines[done:]
+        base += done
+        piece = following
+    out.n_lines = base
+    flush_numeric(out, st)
+    out.finish()
+    last = out.line[-1] if len(out.line) else 0
+    if last > out.tail_start:
+        del out.tail[: last - out.tail_start]
+        out.tail_start = last
+    return out
+
+
+def _read_lines(out: ConsoleParse, st: State, lines: list[str], base: int, stop: int) -> int:
+    """Lines ``lines[:stop]`` (and those a wrapped dict takes past it); returns how many lines were read."""
+    n = len(lines)
+    is_bar = np.fromiter(map(str.endswith, lines, repeat(BAR_ENDS)), dtype=bool, count=n)
+    bars = np.flatnonzero(is_bar)
+    bar_n: list[bytes] = []
+    bar_total: list[bytes] = []
+    if len(bars):
+        kinds = BAR_LINE.findall("\n".join(_pick(lines, bars)).encode("utf-8", "surrogatepass"))
+        bar_n, bar_total = list(map(itemgetter(0), kinds)), list(map(itemgetter(1), kinds))
+        is_bar[bars] = np.fromiter(map(bool, bar_n), dtype=bool, count=len(bars))
+    is_dict = np.fromiter(map(str.startswith, lines, repeat(DICT_START)), dtype=bool, count=n)
+    is_dict[stop:] = False  # (read once the lines a wrapped dict may take are known)
+    dicts = np.flatnonzero(is_dict)
+    if len(dicts):
+        text = _pick(lines, dicts)
+        closed = np.fromiter(map(str.__contains__, text, repeat("}")), dtype=bool, count=len(text))
+        is_dict[dicts[~closed]] = False
+        is_dict[dicts[_lines_with(text, DICT_LINE_GRAMMAR)]] = False
+    st.keras_changes = []
+    keras_before = st.keras_epoch
+    upto = 0
+    taken: list[tuple[int, int]] = []  # lines a wrapped HF dict took: [from, to)
+    for j in np.flatnonzero(~(is_bar[:stop] | is_dict[:stop])).tolist():
+        if j < upto:
+            continue
+        upto = parse_line(out, st, lines, j, base)
+        if upto > j + 1:
+            taken.append((j + 1, upto))
+    done = max(stop, upto)
+    is_bar[done:] = False
+    for a, b in taken:
+        is_bar[a:b] = is_dict[a:b] = False
+    if is_bar.any():
+        mine = is_bar[bars]
+        _bulk_bars(out, base, bars[mine], list(compress(bar_n, mine)), list(compress(bar_total, mine)))
+    if is_dict.any():
+        dicts = np.flatnonzero(is_dict)
+        _bulk_dicts(out, st, base, dicts, _pick(lines, dicts), keras_before)
+    return done
+
+
+def _lines_with(text: list[str], needles: tuple[str, ...]) -> np.ndarray:
+    """The indices of the lines of ``text`` holding any of ``needles`` (``str.find`` over the joined lines)."""
+    joined = "\n".join(text)
+    hits: list[int] = []
+    for needle in needles:
+        at = joined.find(needle)
+        while at >= 0:
+            hits.append(at)
+            end = joined.find("\n", at)
+            at = joined.find(needle, end) if end >= 0 else -1
+    if not hits:
+        return np.empty(0, dtype=np.int64)
+    ends = np.cumsum(np.fromiter(map(len, text), dtype=np.int64, count=len(text)) + 1)
+    return np.searchsorted(ends, hits, side="right")
+
+
+def _pick(items: list[Any], at: np.ndarray) -> list[Any]:
+    """``[items[j] for j in at]``, at C speed."""
+    if len(at) == 1:
+        return [items[int(at[0])]]
+    return list(itemgetter(*at.tolist())(items)) if len(at) else []
+
+
+def _bulk_bars(out: ConsoleParse, base: int, bars: np.ndarray, n_text: list[bytes], total_text: list[bytes]) -> None:
+    """Bare tqdm bars: each a progress point (line, n, total); the largest total is a max_steps hint."""
+    n = np.fromiter(map(int, n_text), dtype=np.int64, count=len(bars))
+    total = np.fromiter(map(int, total_text), dtype=np.int64, count=len(bars))
+    out.add_bars(bars + base, n, total)
+    out.max_steps_hint = max(out.max_steps_hint or 0, int(total.max()))
+    out.counter_at(int(bars[-1]) + base, (int(n[-1]), int(total[-1])))
+
+
+def _bulk_dicts(
+    out: ConsoleParse, st: State, base: int, dicts: np.ndarray, bodies: list[str], keras_before: int | None
+) -> None:
+    """One-line HF dicts: one record each, with the values :func:`~autopsy.importers._console_formats.dict_value`
+    reads, in printed order (a key printed twice keeps its first place and its last value, as a Python dict would);
+    a dict with no number makes no record."""
+    got = _plain_dicts(bodies)
+    if got is None:  # quoted (HF 5.x), "nan.0", text, odd spacing: DICT_PAIR and the line grammars' reading
+        found = [BULK_PAIR.findall(b[: b.find("}") + 1]) for b in bodies]  # a dict ends at its first "}"
+        counts = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
+        pairs = list(chain.from_iterable(found))
+        keys = list(map(itemgetter(0), pairs))
+        read = [dict_value(v) for v in map(itemgetter(1), pairs)]
+        ok = np.asarray([v is not None for v in read], dtype=bool)
+        vals = np.asarray([math.nan if v is None else v for v in read], dtype=np.float64)
+    else:
+        counts, keys, vals = got
+        ok = None
+    rec = np.repeat(np.arange(len(bodies)), counts)
+    key_codes, uniq = pd.factorize(np.asarray(keys, dtype=object))
+    code_of = np.asarray([out.code(k.strip(), k.strip(), True) for k in uniq], dtype=np.int64)
+    codes = code_of[key_codes]
+    if ok is not None:
+        rec, codes, vals = rec[ok], codes[ok], vals[ok]
+    pair = rec * len(out.names) + codes
+    if _repeats(pair):
+        rec, codes, vals = _last_value_first_place(pair, rec, codes, vals)
+    used = rec[np.r_[True, rec[1:] != rec[:-1]]] if len(rec) else rec  # dicts with at least one number (rec sorted)
+    at = dicts[used] + base
+    keras = np.full(len(at), NO if keras_before is None else keras_before, dtype=np.int64)
+    if st.keras_changes:
+        change_at = np.asarray([c[0] for c in st.keras_changes])
+        k = np.searchsorted(change_at, at, side="right") - 1
+        keras = np.where(k >= 0, np.asarray([c[1] for c in st.keras_changes])[np.maximum(k, 0)], keras)
+    out.add_dicts(at, np.searchsorted(used, rec), codes, vals, keras)
+
+
+def _plain_dicts(bodies: list[str]) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """Dicts written ``{'k': v, 'k': v}`` with plain numbers, split with ``str`` methods: (pairs per dict, keys,
+    values); None when any is not so. Where every line ends with ``}``, every key is free of quotes and braces and
+    every value is a number ``float`` reads, a line is exactly ``{'`` k ``': `` v (``, '`` k ``': `` v)... ``}``, its
+    first ``}`` ends it, and DICT_PAIR would find just these pairs."""
+    if not all(map(str.endswith, bodies, repeat("}"))):
+        return None
+    counts = np.fromiter(map(str.count, bodies, repeat("': ")), dtype=np.int64, count=len(bodies))
+    parts = "\n".join(bodies)[2:-1].replace("}\n{'", ", '").replace("': ", "\n").replace(", '", "\n").split("\n")
+    if len(parts) != 2 * int(counts.sum()):
+        return None
+    keys = parts[0::2]
+    if any("'" in k or "}" in k for k in set(keys)):
+        return None
+    try:
+        vals = np.fromiter(map(float, parts[1::2]), dtype=np.float64, count=len(keys))
+    except ValueError:
+        return None
+    return counts, keys, vals
+
+
+def _repeats(pair: np.ndarray) -> bool:
+    """Whether a value appears twice in ``pair`` (by counting where the range is small, else by hashing)."""
+    if not len(pair):
+        return False
+    top = int(pair.max()) + 1
+    return bool(np.bincount(pair).max() > 1) if top <= 8 * len(pair) + 1024 else len(np.unique(pair)) < len(pair)
+
+
+def _last_value_first_place(
+    pair: np.ndarray, rec: np.ndarray, codes: np.ndarray, vals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(pair, kind="stable")
+    sp = pair[order]
+    first = np.r_[True, sp[1:] != sp[:-1]]
+    last = np.r_[sp[1:] != sp[:-1], True]
+    firsts, lasts = order[first], order[last]
+    out_vals = vals.copy()
+    out_vals[firsts] = vals[lasts]
+    keep = np.zeros(len(pair), dtype=bool)
+    keep[firsts] = True
+    return rec[keep], codes[keep], out_vals[keep]
+
+
+def _keep_tail(out: ConsoleParse, st: State, lines: list[str], base: int, done: int) -> None:
+    """Keep the lines after the last record (or the last bare numeric row, which may become one)."""
+    out.tail.extend(lines[:done])
+    start = int(out.array("line").max()) if len(out.line) else 0
+    if st.numeric:
+        start = min(start, st.numeric[-1][0]) if len(out.line) else st.numeric[-1][0]
+    start = max(start, out.tail_start, base + done - TAIL_LINES)
+    if start > out.tail_start:
+        del out.tail[: start - out.tail_start]
+        out.tail_start = start
