@@ -65,8 +65,13 @@ def make_frame(
     value: Any,
     wall_time: Any = None,
     raw_metric: Any = None,
+    take: bool = False,
 ) -> pd.DataFrame:
-    """Build a canonical frame from columns (scalars broadcast). Flags superseded rows."""
+    """Build a canonical frame from columns (scalars broadcast). Flags superseded rows.
+
+    ``take=True``: the step and value arrays are the caller's to give away (made for this frame, never touched
+    again), and the frame holds them as they are instead of a copy, so that a reader of millions of rows does not
+    hold them twice at its peak."""
     n = len(step)
     step_arr = np.asarray(step, dtype=np.int64) if n else np.empty(0, dtype=np.int64)
     value_arr = np.asarray(value, dtype=np.float64) if n else np.empty(0, dtype=np.float64)
@@ -82,7 +87,8 @@ def make_frame(
             "value": value_arr,
             "wall_time": wall_arr,
             "raw_metric": _categorical(raw_metric, n) if raw_metric is not None else metric_col.copy(),
-        }
+        },
+        copy=not take,
     )
     frame["superseded"] = _superseded(frame)
     return frame
@@ -92,7 +98,7 @@ def wall_column(wall: Any, n: int) -> pd.arrays.DatetimeArray:
     """Wall times as the frame keeps them (UTC datetimes, NaT where unknown), from seconds since the epoch (float,
     NaN where unknown), datetimes, or None (all unknown)."""
     if wall is None:
-        return pd.array(np.full(n, np.datetime64("NaT", "ns")), dtype="datetime64[ns]").tz_localize("UTC")
+        return _no_wall_times(n)
     if isinstance(wall, (pd.Series, pd.Index)):
         wall = wall.array
     if isinstance(wall, pd.arrays.DatetimeArray):
@@ -106,6 +112,16 @@ def wall_column(wall: Any, n: int) -> pd.arrays.DatetimeArray:
         out[~np.isfinite(secs)] = pd.NaT
         return out.tz_localize("UTC")
     return pd.DatetimeIndex(pd.to_datetime(arr, utc=True)).array.as_unit("ns")
+
+
+def _no_wall_times(n: int) -> pd.arrays.DatetimeArray:
+    """``n`` unknown wall times (NaT, UTC), in one allocation where pandas allows it (a reader of millions of rows
+    without wall times -- trainer_state, console -- would otherwise hold the column twice at its peak)."""
+    nat = np.full(n, np.datetime64("NaT", "ns"))
+    try:
+        return pd.arrays.DatetimeArray._simple_new(nat, dtype=pd.DatetimeTZDtype("ns", "UTC"))
+    except (AttributeError, TypeError):  # a pandas without it: localized, which copies
+        return pd.array(nat, dtype="datetime64[ns]").tz_localize("UTC")
 
 
 def wall_seconds(data: pd.DataFrame | pd.Series | Any) -> np.ndarray:
@@ -162,34 +178,33 @@ def _superseded(frame: pd.DataFrame) -> np.ndarray:
     back to an earlier step and carried on from there (resumed from a checkpoint), abandoning what it
     had logged past that point. A lone backward row — the last of its series, or a glitch after which
     the series carries on past where it was — is not a resume: it supersedes only its own step.
-    Vectorised: one stable sort by series, then a reversed per-series running minimum.
+    Vectorised: series in non-decreasing step order are checked one at a time (:func:`_superseded_in_order`);
+    otherwise one stable sort by series, then a reversed per-series running minimum.
     """
     n = len(frame)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    code = np.zeros(n, dtype=np.int64)
+    parts: list[tuple[np.ndarray, int]] = []
     for col in ("run", "source", "metric"):
         data = frame[col]
         if isinstance(data.dtype, pd.CategoricalDtype):
-            c, k = data.cat.codes.to_numpy(dtype=np.int64), len(data.cat.categories)
+            parts.append((data.cat.codes.to_numpy(), len(data.cat.categories)))
         else:
             c, uniq = pd.factorize(data, use_na_sentinel=False)
-            k = len(uniq)
-        code = code * max(k, 1) + c
+            parts.append((c, len(uniq)))
+    size = int(np.prod([max(k, 1) for _, k in parts], dtype=np.float64))
+    code: np.ndarray = np.zeros(n, dtype=np.int32 if size < 2**31 else np.int64)
+    for c, k in parts:
+        np.multiply(code, max(k, 1), out=code)
+        np.add(code, c, out=code, casting="unsafe")
     step = frame["step"].to_numpy(dtype=np.int64)
-    if int(code.max()) + 1 < 2**15:
+    lean = _superseded_in_order(code, step, size)
+    if lean is not None:
+        return lean
+    if size < 2**15:
         code = code.astype(np.int16)  # numpy sorts int16 stably with a radix sort
     order = np.argsort(code, kind="stable")
     g, s = code[order], step[order]
-    same = g[1:] == g[:-1]
-    rise = np.diff(s)
-    if bool(((rise >= 0) | ~same).all()):
-        # the common case, in a fraction of the memory: every series in non-decreasing step order, so only a step
-        # logged again right after itself is superseded (an HF log writes "epoch" in its train and eval dicts)
-        out = np.zeros(n, dtype=bool)
-        out[order[:-1][same & (rise == 0)]] = True
-        return out
-    del same, rise
     big = np.iinfo(np.int64).max
     first = np.ones(n, dtype=bool)
     first[1:] = g[1:] != g[:-1]
@@ -210,6 +225,23 @@ def _superseded(frame: pd.DataFrame) -> np.ndarray:
     dup = pd.DataFrame({"g": g, "s": s}).duplicated(keep="last").to_numpy()
     out = np.empty(n, dtype=bool)
     out[order] = abandoned | dup
+    return out
+
+
+def _superseded_in_order(code: np.ndarray, step: np.ndarray, size: int) -> np.ndarray | None:
+    """The common case, in a fraction of the memory of a sort: every series (at most 64) in non-decreasing step
+    order, so only a step logged again right after itself is superseded (an HF log writes "epoch" in its train and
+    eval entries). None when a series goes back, or there are many series."""
+    present = np.flatnonzero(np.bincount(code, minlength=size)) if size <= 1 << 24 else np.unique(code)
+    if len(present) > 64:
+        return None
+    out = np.zeros(len(code), dtype=bool)
+    for g in present.tolist():
+        rows = np.flatnonzero(code == g)
+        rise = np.diff(step[rows])
+        if (rise < 0).any():
+            return None
+        out[rows[:-1][rise == 0]] = True
     return out
 
 

@@ -289,6 +289,7 @@ def _frame(p: ConsoleParse, steps: np.ndarray, info: RunInfo, file: str, run: st
         raw_metric=labelled_codes(codes, raw),
         step=step,
         value=vals,
+        take=True,
     )
 
 

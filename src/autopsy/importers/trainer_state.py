@@ -187,7 +187,10 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     info = RunInfo(name=run, sources=[SOURCE])
     parsed = sorted(_read_files(paths, info), key=_rank_key)
     names: dict[str, int] = {}
-    ranks, codes, steps, values = [], [], [], []
+    ranks: list[tuple[int, int]] = []  # (rank, rows) of each file with rows
+    codes: list[np.ndarray] = []
+    steps: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     for rank, sf in enumerate(parsed):
         _history_notes(info, sf)
         _fill_info(info, sf.state, is_root=checkpoint_step(sf.path.parent.name) is None)
@@ -209,7 +212,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
         sf.value = []
         values.append(value[ok] if not ok.all() else value)
         del value
-        ranks.append(np.full(len(steps[-1]), rank, dtype=np.int32))
+        ranks.append((rank, len(steps[-1])))
     _end_of_run(info, parsed)
     if not codes or not sum(len(c) for c in codes):
         return Imported.one(make_frame(run=[], source=[], metric=[], step=[], value=[]), info)
@@ -219,7 +222,9 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
         code, step, value = np.concatenate(codes), np.concatenate(steps), np.concatenate(values)
         codes, steps, values = [], [], []
     if len(ranks) > 1:
-        keep, differ = _dedupe(np.concatenate(ranks), code, step, value)
+        rank_of_row = np.repeat(np.asarray([r for r, _ in ranks], dtype=np.int32), [k for _, k in ranks])
+        keep, differ = _dedupe(rank_of_row, code, step, value)
+        del rank_of_row
         if differ:
             info.notes.append(
                 f"trainer_state: {differ} values of earlier files differ from a later file's at the same step (a "
@@ -234,7 +239,7 @@ def read(paths: list[Path], *, run: str, options: ReadOptions | None = None) -> 
     )
     raw = pd.Categorical.from_codes(code, categories=text_categories(raw_names))
     del code  # the categoricals hold the codes in the smallest integer type
-    frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, raw_metric=raw)
+    frame = make_frame(run=run, source=SOURCE, metric=metric, step=step, value=value, raw_metric=raw, take=True)
     _note_superseded(info, frame)
     return Imported.one(frame, info)
 
