@@ -21,7 +21,7 @@ _ATTR = "_autopsy_series"  # an instance attribute, not a column and not attrs (
 
 
 class _Index:
-    """Every metric's live series of one frame (values and wall times), by name."""
+    """Every metric's live series of one frame (values, and wall times where the frame knows any), by name."""
 
     __slots__ = ("names", "rows", "values", "walls")
 
@@ -53,9 +53,8 @@ class _Index:
                 wa = wa[keep] if wa is not None else None
             index = pd.Index(st, name="step")
             self.values[str(name)] = pd.Series(va, index=index, name=str(name))
-            self.walls[str(name)] = pd.Series(
-                wa if wa is not None else np.full(len(st), np.nan), index=index, name=str(name)
-            )
+            if wa is not None:  # a frame that knows no wall time keeps none (wall_times makes NaNs on demand)
+                self.walls[str(name)] = pd.Series(wa, index=index, name=str(name))
 
 
 def _metric_codes(column: pd.Series) -> tuple[np.ndarray, list[Any]]:
@@ -128,7 +127,11 @@ def series(frame: pd.DataFrame, metric: str, *, finite: bool = False) -> pd.Seri
 
 def wall_times(frame: pd.DataFrame, metric: str) -> pd.Series:
     """Wall time (seconds since the epoch, NaN where unknown) of a metric's live rows, indexed by step."""
-    s = _index(frame).walls.get(metric)
+    idx = _index(frame)
+    s = idx.walls.get(metric)
+    if s is None and metric in idx.values:  # no wall times known: NaN at each of the metric's steps
+        values = idx.values[metric]
+        return pd.Series(np.full(len(values), np.nan), index=values.index, name=metric)
     return _empty(metric) if s is None else s
 
 

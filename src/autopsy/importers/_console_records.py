@@ -29,6 +29,17 @@ def _ints() -> array[int]:
     return array("q")
 
 
+def _raw(values: np.ndarray) -> memoryview:
+    """A numpy array's bytes, without the copy ``tobytes`` makes."""
+    return np.ascontiguousarray(values).data.cast("B")
+
+
+def _typed(typecode: str, values: np.ndarray) -> array[Any]:
+    out = array(typecode)
+    out.frombytes(_raw(values))
+    return out
+
+
 @dataclass
 class ConsoleParse:
     """Records, values and progress bars of one console log, and the context it printed."""
@@ -127,19 +138,19 @@ class ConsoleParse:
         n = len(lines)
         none = np.full(n, NO, dtype=np.int64)
         for name in ("step", "ep_e", "ep_i", "ep_n", "ct_i", "ct_n"):
-            getattr(self, name).frombytes(none.tobytes())
-        self.line.frombytes(lines.astype(np.int64).tobytes())
-        self.keras.frombytes(keras.astype(np.int64).tobytes())
-        self.kind.frombytes(np.full(n, DICT, dtype=np.int8).tobytes())
-        self.v_rec.frombytes((rec.astype(np.int64) + r0).tobytes())
-        self.v_code.frombytes(codes.astype(np.int64).tobytes())
-        self.v_val.frombytes(vals.astype(np.float64).tobytes())
+            getattr(self, name).frombytes(_raw(none))
+        self.line.frombytes(_raw(lines.astype(np.int64, copy=False)))
+        self.keras.frombytes(_raw(keras.astype(np.int64, copy=False)))
+        self.kind.frombytes(_raw(np.full(n, DICT, dtype=np.int8)))
+        self.v_rec.frombytes(_raw(rec.astype(np.int64) + r0))
+        self.v_code.frombytes(_raw(codes.astype(np.int64, copy=False)))
+        self.v_val.frombytes(_raw(vals.astype(np.float64, copy=False)))
 
     def add_bars(self, lines: np.ndarray, i: np.ndarray, n: np.ndarray) -> None:
         """Progress bars in bulk (lines in order, after every bar already added)."""
-        self.tq_line.frombytes(lines.astype(np.int64).tobytes())
-        self.tq_i.frombytes(i.astype(np.int64).tobytes())
-        self.tq_n.frombytes(n.astype(np.int64).tobytes())
+        self.tq_line.frombytes(_raw(lines.astype(np.int64, copy=False)))
+        self.tq_i.frombytes(_raw(i.astype(np.int64, copy=False)))
+        self.tq_n.frombytes(_raw(n.astype(np.int64, copy=False)))
 
     def array(self, name: str) -> np.ndarray:
         """A column as a numpy array (int64, float64 for values, int8 for the kind)."""
@@ -160,27 +171,27 @@ class ConsoleParse:
         perm = np.argsort(order, kind="stable")
         for name in (key, *others):
             col = getattr(self, name)
-            setattr(self, name, array(col.typecode, self.array(name)[perm].tobytes()))
+            setattr(self, name, _typed(col.typecode, self.array(name)[perm]))
         if record:
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(len(perm))
             rec = inverse[self.array("v_rec")]
             by = np.argsort(rec, kind="stable")
-            self.v_rec = array("q", rec[by].tobytes())
-            self.v_code = array("q", self.array("v_code")[by].tobytes())
-            self.v_val = array("d", self.array("v_val")[by].tobytes())
+            self.v_rec = _typed("q", rec[by])
+            self.v_code = _typed("q", self.array("v_code")[by])
+            self.v_val = _typed("d", self.array("v_val")[by])
 
     def keep(self, keep: np.ndarray) -> None:
         """Only the records where ``keep`` is true, and their values."""
         for name in (*_INT_COLUMNS, "kind"):
             col = getattr(self, name)
-            setattr(self, name, array(col.typecode, self.array(name)[keep].tobytes()))
+            setattr(self, name, _typed(col.typecode, self.array(name)[keep]))
         rec = self.array("v_rec")
         vk = keep[rec]
         new_index = np.cumsum(keep) - 1
-        self.v_rec = array("q", new_index[rec[vk]].tobytes())
-        self.v_code = array("q", self.array("v_code")[vk].tobytes())
-        self.v_val = array("d", self.array("v_val")[vk].tobytes())
+        self.v_rec = _typed("q", new_index[rec[vk]])
+        self.v_code = _typed("q", self.array("v_code")[vk])
+        self.v_val = _typed("d", self.array("v_val")[vk])
 
     def values_of(self, r: int) -> dict[str, float]:
         """Record ``r``'s values by key (values grouped by record: after :meth:`finish`)."""

@@ -153,15 +153,14 @@ def _bulk_dicts(
         found = [BULK_PAIR.findall(b[: b.find("}") + 1]) for b in bodies]  # a dict ends at its first "}"
         counts = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
         pairs = list(chain.from_iterable(found))
-        keys = list(map(itemgetter(0), pairs))
+        key_codes, uniq = _key_codes(list(map(itemgetter(0), pairs)), counts)
         read = [dict_value(v) for v in map(itemgetter(1), pairs)]
         ok = np.asarray([v is not None for v in read], dtype=bool)
         vals = np.asarray([math.nan if v is None else v for v in read], dtype=np.float64)
     else:
-        counts, keys, vals = got
+        counts, key_codes, uniq, vals = got
         ok = None
     rec = np.repeat(np.arange(len(bodies)), counts)
-    key_codes, uniq = pd.factorize(np.asarray(keys, dtype=object))
     code_of = np.asarray([out.code(k.strip(), k.strip(), True) for k in uniq], dtype=np.int64)
     codes = code_of[key_codes]
     if ok is not None:
@@ -179,9 +178,20 @@ def _bulk_dicts(
     out.add_dicts(at, np.searchsorted(used, rec), codes, vals, keras)
 
 
-def _plain_dicts(bodies: list[str]) -> tuple[np.ndarray, list[str], np.ndarray] | None:
-    """Dicts written ``{'k': v, 'k': v}`` with plain numbers, split with ``str`` methods: (pairs per dict, keys,
-    values); None when any is not so. Where every line ends with ``}``, every key is free of quotes and braces and
+def _key_codes(keys: list[str], counts: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Each key's code into the distinct keys (in the order they first appear). An HF log prints the same keys in the
+    same order in every dict: where all dicts hold the first dict's keys, the codes repeat without hashing a key."""
+    first = int(counts[0]) if len(counts) else 0
+    if first and bool((counts == first).all()) and len(set(keys[:first])) == first:
+        if all(keys[k::first].count(keys[k]) == len(counts) for k in range(first)):
+            return np.tile(np.arange(first), len(counts)), keys[:first]
+    codes, uniq = pd.factorize(np.asarray(keys, dtype=object))
+    return np.asarray(codes), list(uniq)
+
+
+def _plain_dicts(bodies: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray] | None:
+    """Dicts written ``{'k': v, 'k': v}`` with plain numbers, split with ``str`` methods: (pairs per dict, key codes,
+    the keys, values); None when any is not so. Where every line ends with ``}``, every key is free of quotes and braces and
     every value is a number ``float`` reads, a line is exactly ``{'`` k ``': `` v (``, '`` k ``': `` v)... ``}``, its
     first ``}`` ends it, and DICT_PAIR would find just these pairs."""
     if not all(map(str.endswith, bodies, repeat("}"))):
@@ -190,14 +200,14 @@ def _plain_dicts(bodies: list[str]) -> tuple[np.ndarray, list[str], np.ndarray] 
     parts = "\n".join(bodies)[2:-1].replace("}\n{'", ", '").replace("': ", "\n").replace(", '", "\n").split("\n")
     if len(parts) != 2 * int(counts.sum()):
         return None
-    keys = parts[0::2]
-    if any("'" in k or "}" in k for k in set(keys)):
+    codes, keys = _key_codes(parts[0::2], counts)
+    if any("'" in k or "}" in k for k in keys):
         return None
     try:
-        vals = np.fromiter(map(float, parts[1::2]), dtype=np.float64, count=len(keys))
+        vals = np.fromiter(map(float, parts[1::2]), dtype=np.float64, count=len(codes))
     except ValueError:
         return None
-    return counts, keys, vals
+    return counts, codes, keys, vals
 
 
 def _repeats(pair: np.ndarray) -> bool:
