@@ -22,7 +22,8 @@ __all__ = ["BAR", "DICT", "KINDS", "NO", "PAIRS", "TABLE", "ConsoleParse"]
 NO = -(1 << 62)  # "not printed" in an integer column
 DICT, PAIRS, BAR, TABLE = 0, 1, 2, 3  # record kinds: an HF dict, key/value pairs, a progress bar's postfix, a table row
 KINDS = ("dict", "pairs", "bar", "table")
-_INT_COLUMNS = ("line", "step", "ep_e", "ep_i", "ep_n", "ct_i", "ct_n", "keras")
+_OPTIONAL = ("step", "ep_e", "ep_i", "ep_n", "ct_i", "ct_n", "keras")  # NO for nearly every record of an HF log
+_INT_COLUMNS = ("line", *_OPTIONAL)
 
 
 def _ints() -> array[int]:
@@ -45,7 +46,8 @@ class ConsoleParse:
     """Records, values and progress bars of one console log, and the context it printed."""
 
     # records: the line, the step the line names, an "epoch e [i/n]" (ep_*), an "i/n" counter (ct_*), the Keras
-    # epoch header in force, each NO where the line printed none; the kind (DICT, PAIRS, BAR, TABLE)
+    # epoch header in force, each NO where the line printed none; the kind (DICT, PAIRS, BAR, TABLE). The optional
+    # columns stop at their last printed value (the records after it are NO): read them with array().
     line: array[int] = field(default_factory=_ints)
     step: array[int] = field(default_factory=_ints)
     ep_e: array[int] = field(default_factory=_ints)
@@ -110,15 +112,15 @@ class ConsoleParse:
         """One record and its values."""
         r = len(self.line)
         self.line.append(line)
-        self.step.append(NO if step is None else step)
         e, i, n = epoch if epoch is not None else (NO, NO, NO)
-        self.ep_e.append(e)
-        self.ep_i.append(i)
-        self.ep_n.append(n)
         ci, cn = counter if counter is not None else (NO, NO)
-        self.ct_i.append(ci)
-        self.ct_n.append(cn)
-        self.keras.append(NO if keras is None else keras)
+        printed = (step, e, i, n, ci, cn, keras)
+        for name, v in zip(_OPTIONAL, printed):
+            if v is not None and v != NO:
+                col = getattr(self, name)
+                if len(col) < r:
+                    col.frombytes(_raw(np.full(r - len(col), NO, dtype=np.int64)))
+                col.append(v)
         self.kind.append(kind)
         from_dict = kind == DICT
         for key, value in values.items():
@@ -136,11 +138,11 @@ class ConsoleParse:
         """HF dict records in bulk: their lines and Keras epochs, and their values (``rec`` indexes ``lines``)."""
         r0 = len(self.line)
         n = len(lines)
-        none = np.full(n, NO, dtype=np.int64)
-        for name in ("step", "ep_e", "ep_i", "ep_n", "ct_i", "ct_n"):
-            getattr(self, name).frombytes(_raw(none))
+        if (keras != NO).any():
+            if len(self.keras) < r0:
+                self.keras.frombytes(_raw(np.full(r0 - len(self.keras), NO, dtype=np.int64)))
+            self.keras.frombytes(_raw(keras.astype(np.int64, copy=False)))
         self.line.frombytes(_raw(lines.astype(np.int64, copy=False)))
-        self.keras.frombytes(_raw(keras.astype(np.int64, copy=False)))
         self.kind.frombytes(_raw(np.full(n, DICT, dtype=np.int8)))
         self.v_rec.frombytes(_raw(rec.astype(np.int64) + r0))
         self.v_code.frombytes(_raw(codes.astype(np.int64, copy=False)))
@@ -156,7 +158,10 @@ class ConsoleParse:
         """A column as a numpy array (int64, float64 for values, int8 for the kind)."""
         col = getattr(self, name)
         dtype = {"d": np.float64, "b": np.int8}.get(col.typecode, np.int64)
-        return np.frombuffer(col, dtype=dtype) if len(col) else np.empty(0, dtype=dtype)
+        out = np.frombuffer(col, dtype=dtype) if len(col) else np.empty(0, dtype=dtype)
+        if name in _OPTIONAL and len(out) < len(self.line):  # NO after the last printed value
+            out = np.concatenate([out, np.full(len(self.line) - len(out), NO, dtype=np.int64)])
+        return out
 
     def finish(self) -> None:
         """Records in line order (the bulk readers add theirs after a chunk's other lines), values grouped by record in
@@ -169,9 +174,9 @@ class ConsoleParse:
         if not len(order) or bool((np.diff(order) >= 0).all()):
             return
         perm = np.argsort(order, kind="stable")
-        for name in (key, *others):
-            col = getattr(self, name)
-            setattr(self, name, _typed(col.typecode, self.array(name)[perm]))
+        columns = {name: self.array(name) for name in (key, *others)}
+        for name, values in columns.items():
+            setattr(self, name, _typed(getattr(self, name).typecode, values[perm]))
         if record:
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(len(perm))
@@ -183,19 +188,12 @@ class ConsoleParse:
 
     def keep(self, keep: np.ndarray) -> None:
         """Only the records where ``keep`` is true, and their values."""
-        for name in (*_INT_COLUMNS, "kind"):
-            col = getattr(self, name)
-            setattr(self, name, _typed(col.typecode, self.array(name)[keep]))
+        columns = {name: self.array(name) for name in (*_INT_COLUMNS, "kind")}  # (before "line" gets shorter)
+        for name, values in columns.items():
+            setattr(self, name, _typed(getattr(self, name).typecode, values[keep]))
         rec = self.array("v_rec")
         vk = keep[rec]
         new_index = np.cumsum(keep) - 1
         self.v_rec = _typed("q", new_index[rec[vk]])
         self.v_code = _typed("q", self.array("v_code")[vk])
         self.v_val = _typed("d", self.array("v_val")[vk])
-
-    def values_of(self, r: int) -> dict[str, float]:
-        """Record ``r``'s values by key (values grouped by record: after :meth:`finish`)."""
-        rec = self.array("v_rec")
-        lo, hi = np.searchsorted(rec, [r, r + 1])
-        codes, vals = self.array("v_code")[lo:hi], self.array("v_val")[lo:hi]
-        return {self.names[c][0]: float(v) for c, v in zip(codes.tolist(), vals.tolist())}

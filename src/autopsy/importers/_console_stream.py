@@ -17,7 +17,10 @@ after the last record (where :func:`~autopsy.importers._console_crash.find_crash
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain, compress, repeat
 from operator import itemgetter
 from typing import Any
@@ -82,11 +85,14 @@ def _read_lines(out: ConsoleParse, st: State, lines: list[str], base: int, stop:
     is_dict = np.fromiter(map(str.startswith, lines, repeat(DICT_START)), dtype=bool, count=n)
     is_dict[stop:] = False  # (read once the lines a wrapped dict may take are known)
     dicts = np.flatnonzero(is_dict)
+    tpl = None  # the dicts of the chunk's common shape, read already
     if len(dicts):
         text = _pick(lines, dicts)
         closed = np.fromiter(map(str.__contains__, text, repeat("}")), dtype=bool, count=len(text))
         is_dict[dicts[~closed]] = False
-        is_dict[dicts[_lines_with(text, DICT_LINE_GRAMMAR)]] = False
+        tpl = _template_read(text, closed)
+        rest = np.flatnonzero(closed & ~tpl.matched) if tpl is not None else np.flatnonzero(closed)
+        is_dict[dicts[rest[_lines_with(_pick(text, rest), DICT_LINE_GRAMMAR)]]] = False
     st.keras_changes = []
     keras_before = st.keras_epoch
     upto = 0
@@ -104,10 +110,53 @@ def _read_lines(out: ConsoleParse, st: State, lines: list[str], base: int, stop:
     if is_bar.any():
         mine = is_bar[bars]
         _bulk_bars(out, base, bars[mine], list(compress(bar_n, mine)), list(compress(bar_total, mine)))
+    if tpl is not None:  # the common shape's dicts that are still dicts (a wrapped dict may have taken one)
+        at = dicts[tpl.matched]
+        mine = is_dict[at]
+        width = len(tpl.keys)
+        vals = tpl.values[np.repeat(mine, width)]
+        n_mine = int(mine.sum())
+        codes = np.tile(np.arange(width), n_mine)
+        _add_dicts(out, st, base, at[mine], np.full(n_mine, width), codes, tpl.keys, vals, None, keras_before)
+        is_dict[at] = False
     if is_dict.any():
         dicts = np.flatnonzero(is_dict)
         _bulk_dicts(out, st, base, dicts, _pick(lines, dicts), keras_before)
     return done
+
+
+@dataclass
+class _Template:
+    """The dicts of a chunk that print one shape (the same keys in the same order, plain numbers), read at once."""
+
+    matched: np.ndarray  # per dict line of the chunk: of this shape
+    keys: list[str]
+    values: np.ndarray  # the matched lines' numbers, line by line
+
+
+def _template_read(text: list[str], closed: np.ndarray) -> _Template | None:
+    """The lines of ``text`` that are exactly ``{'k1': v1, 'k2': v2, ...}`` with the first closed line's keys and
+    plain numbers, read with one regex of the keys' text over the lines' bytes (None when that shape is not one to
+    read in bulk). Their keys and numbers hold none of the words that send a dict line to the line grammars, so those
+    lines need no search for them; and they are read as :func:`_plain_dicts` reads them, by the same argument."""
+    first = int(np.argmax(closed)) if closed.any() else -1
+    if first < 0:
+        return None
+    keys = [k for k, _ in BULK_PAIR.findall(text[first][: text[first].find("}") + 1])]
+    if not keys or any("'" in k or "}" in k or any(w in k for w in DICT_LINE_GRAMMAR) for k in keys):
+        return None
+    found = _template(tuple(keys)).findall("\n".join(text).encode("utf-8", "surrogatepass"))
+    if len(keys) == 1:
+        matched = np.fromiter(map(bool, found), dtype=bool, count=len(found))
+        values: Iterable[bytes] = compress(found, matched)
+    else:
+        matched = np.fromiter(map(bool, map(itemgetter(0), found)), dtype=bool, count=len(found))
+        values = chain.from_iterable(compress(found, matched))
+    try:
+        numbers = np.fromiter(map(float, values), dtype=np.float64, count=len(keys) * int(matched.sum()))
+    except ValueError:  # "0x10", "step": not numbers, and maybe words for the line grammars
+        return None
+    return _Template(matched, keys, numbers)
 
 
 def _lines_with(text: list[str], needles: tuple[str, ...]) -> np.ndarray:
@@ -148,7 +197,9 @@ def _bulk_dicts(
     """One-line HF dicts: one record each, with the values :func:`~autopsy.importers._console_formats.dict_value`
     reads, in printed order (a key printed twice keeps its first place and its last value, as a Python dict would);
     a dict with no number makes no record."""
-    got = _plain_dicts(bodies)
+    got = _template_dicts(bodies)
+    if got is None:
+        got = _plain_dicts(bodies)
     if got is None:  # quoted (HF 5.x), "nan.0", text, odd spacing: DICT_PAIR and the line grammars' reading
         found = [BULK_PAIR.findall(b[: b.find("}") + 1]) for b in bodies]  # a dict ends at its first "}"
         counts = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
@@ -160,7 +211,23 @@ def _bulk_dicts(
     else:
         counts, key_codes, uniq, vals = got
         ok = None
-    rec = np.repeat(np.arange(len(bodies)), counts)
+    _add_dicts(out, st, base, dicts, counts, key_codes, uniq, vals, ok, keras_before)
+
+
+def _add_dicts(
+    out: ConsoleParse,
+    st: State,
+    base: int,
+    dicts: np.ndarray,
+    counts: np.ndarray,
+    key_codes: np.ndarray,
+    uniq: list[str],
+    vals: np.ndarray,
+    ok: np.ndarray | None,
+    keras_before: int | None,
+) -> None:
+    """Records of the dicts on lines ``dicts``: ``counts`` values each (``ok`` says which are numbers)."""
+    rec = np.repeat(np.arange(len(dicts)), counts)
     code_of = np.asarray([out.code(k.strip(), k.strip(), True) for k in uniq], dtype=np.int64)
     codes = code_of[key_codes]
     if ok is not None:
@@ -176,6 +243,34 @@ def _bulk_dicts(
         k = np.searchsorted(change_at, at, side="right") - 1
         keras = np.where(k >= 0, np.asarray([c[1] for c in st.keras_changes])[np.maximum(k, 0)], keras)
     out.add_dicts(at, np.searchsorted(used, rec), codes, vals, keras)
+
+
+@lru_cache(maxsize=64)
+def _template(keys: tuple[str, ...]) -> re.Pattern[bytes]:
+    """One match per line: a line that is exactly ``{'k1': v1, 'k2': v2, ...}`` with these keys gives its values,
+    any other line empty strings."""
+    pairs = b", '".join(re.escape(k.encode("utf-8", "surrogatepass")) + rb"': ([^,}\n]+)" for k in keys)
+    return re.compile(rb"^(?:\{'" + pairs + rb"\}|[^\n]*)$", re.MULTILINE)
+
+
+def _template_dicts(bodies: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray] | None:
+    """Dicts that all print the first one's keys in its order, ``{'k': v, 'k': v}`` with plain numbers, read with
+    one regex of the keys' text over the lines' bytes: (pairs per dict, key codes, the keys, values); None when any
+    is not so. The same dicts as :func:`_plain_dicts` reads, by the same argument, a third faster (the keys are
+    matched as literal text, never cut out)."""
+    keys = [k for k, _ in BULK_PAIR.findall(bodies[0])]
+    if not keys or any("'" in k or "}" in k for k in keys):
+        return None
+    found = _template(tuple(keys)).findall("\n".join(bodies).encode("utf-8", "surrogatepass"))
+    width = len(keys)
+    if not all(found if width == 1 else map(itemgetter(0), found)):  # a line that is not of the template
+        return None
+    values = chain.from_iterable(found) if width > 1 else found
+    try:
+        vals = np.fromiter(map(float, values), dtype=np.float64, count=width * len(found))
+    except ValueError:
+        return None
+    return np.full(len(bodies), width), np.tile(np.arange(width), len(bodies)), keys, vals
 
 
 def _key_codes(keys: list[str], counts: np.ndarray) -> tuple[np.ndarray, list[str]]:

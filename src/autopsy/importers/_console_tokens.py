@@ -100,9 +100,9 @@ TABLE_HEADER = re.compile(r"^\s*\|?\s*(?:Step|Epoch)\s*(?:\||\t)(?=.*loss)", re.
 # --- the two shapes of nearly every line of an HF Trainer log, read in bulk ----------------------------
 # A bare tqdm bar ("  5%|▌    | 1234/25000 [02:49<54:12,  7.30it/s]"): no description, no postfix, so nothing on it
 # but the counter for any other grammar to read.
-_STRICT_BAR = (
-    r"[ \t]*\d{1,3}%\|[^|\n/\[A-Za-z_]*\| *(\d+)/(\d+) \[(?:\d+:)?\d+:\d+<(?:(?:\d+:)?\d+:\d+|\?),"
-    r" *(?:[\d.]+|\?) ?(?:it/s|s/it)\][ \t]*"
+_STRICT_BAR = (  # possessive (*+, ++): no token can give back what it took, and sre skips the backtracking state
+    r"[ \t]*+\d{1,3}+%\|[^|\n/\[A-Za-z_]*+\| *+(\d++)/(\d++) \[\d++:\d++(?::\d++)?+<(?:\d++:\d++(?::\d++)?+|\?),"
+    r" *+(?:[\d.]++|\?) ?(?:it/s|s/it)\][ \t]*+"
 )
 # One match per line of bar-like lines joined with "\n" (lines that end the way a bar does): (n, total) for a bare
 # bar, two empty strings for any other line. Run over the text's UTF-8 bytes (twice as fast as over its str): every

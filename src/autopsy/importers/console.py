@@ -105,19 +105,21 @@ _CHUNK = 1 << 20  # bytes decoded and cleaned at a time
 _CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
-def _clean(text: str, *, control: bool = True) -> str:
+def _clean(text: str, *, control: bool = True, replacements: bool = True) -> str:
     """ANSI escapes and control characters out; every line break as ``\\n`` (:func:`_line_breaks`). ``control``
-    False says the bytes held no control character (so no break but ``\\n``, ``\\r`` and the rare U+0085,
-    U+2028, U+2029)."""
-    if "\x1b" in text or "^[[" in text:
+    False says the bytes held no control character (so no escape, and no break but ``\\n``, ``\\r`` and the rare
+    U+0085, U+2028, U+2029); ``replacements`` False that the text holds no U+FFFD."""
+    if (control and "\x1b" in text) or "^[[" in text:
         text = ANSI.sub("", text)
     if control:
         return _line_breaks(CONTROL.sub("", text))
-    if "\ufffd" in text:
+    if replacements:
         text = text.replace("\ufffd", "")
     if "\x85" in text or "\u2028" in text or "\u2029" in text:
         return _line_breaks(text)
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    if "\r" not in text:
+        return text
+    return (text.replace("\r\n", "\n") if "\r\n" in text else text).replace("\r", "\n")
 
 
 _BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
@@ -163,9 +165,10 @@ def _text_chunks(fh: Any, file: str, notes: list[str], limit: int = MAX_BYTES) -
             text, carry = text[:cut], text[cut:]
             if len(carry) > len(decoded):  # the carry holds text of an earlier read too
                 flagged = control
-        bad += text.count("\ufffd")
+        replaced = text.count("\ufffd")
+        bad += replaced
         if text:
-            yield _clean(text, control=control)
+            yield _clean(text, control=control, replacements=replaced > 0)
         if not data:
             break
     if bad:
