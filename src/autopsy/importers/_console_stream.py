@@ -2,12 +2,19 @@
 of an HF Trainer log read in bulk.
 
 A million-line HF log is half bare tqdm bars (``  5%|▌    | 1234/25000 [02:49<54:12,  7.30it/s]``) and half one-line
-dicts of numbers (``{'loss': 1.52, 'grad_norm': 0.61, ...}``). One compiled regex over a chunk's text
-(:data:`~autopsy.importers._console_tokens.LINE_KIND`) says which lines are of these two strict shapes; their bars
-and values are read in bulk (one ``findall``, numpy's number parsing), and only the other lines go through the line
-grammars one by one (:func:`~autopsy.importers._console_formats.parse_line`). A strict line is one the line grammars
-would read the same way (a bar with no description or postfix, a dict of plain numbers naming no step and no end of
-training); anything else takes the line-by-line path, so both paths give the same records.
+dicts of numbers (``{'loss': 1.52, 'grad_norm': 0.61, ...}``). In each chunk:
+
+- the lines that end the way a bar does are checked and read by one compiled regex over their bytes
+  (:data:`~autopsy.importers._console_tokens.BAR_LINE`);
+- the lines that are an HF dict closed on the line are read by one regex built from the keys of the chunk's common
+  shape (:func:`_template_read`), else split with ``str`` methods (:func:`_plain_dicts`), their numbers read by
+  ``float``;
+- every other line, and every near miss (a bar with a description or postfix, a dict that names a step or the end
+  of training, quoted values, odd spacing), goes through the line grammars one by one
+  (:func:`~autopsy.importers._console_formats.parse_line`).
+
+A line is read in bulk only where the line grammars would read it the same way, so both paths give the same
+records (``tests/test_console_bulk.py`` checks it on random mixes of lines and on every real log).
 
 Memory stays bounded: a chunk of text at a time, the records as typed arrays, and of the text itself only the lines
 after the last record (where :func:`~autopsy.importers._console_crash.find_crash` looks), at most
