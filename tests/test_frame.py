@@ -11,6 +11,7 @@ from autopsy.errors import FrameError
 from autopsy.frame import (
     COLUMNS,
     concat_frames,
+    labelled_codes,
     make_frame,
     merge_sources,
     validate_frame,
@@ -65,6 +66,16 @@ def test_superseded_agrees_with_its_rule(rows, sort_steps):
     metrics, steps = [m for m, _ in rows], [s for _, s in rows]
     f = make_frame(run="r", source="s", metric=metrics, step=steps, value=np.zeros(len(rows)))
     assert f["superseded"].tolist() == _superseded_by_the_words(metrics, steps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=40), st.lists(st.sampled_from(["a", "b", "c/d", ""]), min_size=6, max_size=6))
+def test_labelled_codes_is_factorize_over_the_labels(codes, labels):
+    """Codes into labels (two codes may share a label) make the column pandas would make from the strings."""
+    got = labelled_codes(np.asarray(codes, dtype=np.int64), labels)
+    want_codes, want_cats = pd.factorize(np.asarray([labels[c] for c in codes] + [""], dtype=object)[:-1])
+    assert list(got.categories) == [str(c) for c in want_cats]
+    assert got.codes.tolist() == want_codes.tolist()
 
 
 def test_columns_and_dtypes():
