@@ -320,8 +320,9 @@ def sparse_eval(
 ) -> list[Finding]:
     """Too few eval points to see overfitting in time.
 
-    Signature: the run has eval losses but fewer than `min_points` of them, or its eval cadence (eval_steps from the
-    config, else the median gap) is more than `max_gap_share` (25%) of the run. Warning when the run trained for 2
+    Signature: the run has eval losses but fewer than `min_points` of them, or its eval cadence (the median gap
+    between the evals it logged; the config's eval_steps only where it logged fewer than two, since HF ignores
+    eval_steps under eval_strategy="epoch") is more than `max_gap_share` (25%) of the run. Warning when the run trained for 2
     or more epochs (where overfitting is likely) and its last eval is not its best (the best model may lie between
     two evals); info otherwise: an eval loss still at its best at the last eval has missed nothing yet. A run with
     no eval at all is config_risk's.
@@ -335,9 +336,10 @@ def sparse_eval(
     e = series(frame, evals[0], finite=False)
     last = int(max(train.index[-1], e.index[-1] if len(e) else 0))
     total = int(info.max_steps) if info is not None and info.max_steps and info.max_steps > 0 else last
-    gap = float(np.median(np.diff(e.index.to_numpy()))) if len(e) >= 2 else float(total)
-    if info is not None and info.eval_steps:
-        gap = float(info.eval_steps)
+    if len(e) >= 2:
+        gap = float(np.median(np.diff(e.index.to_numpy())))
+    else:
+        gap = float(info.eval_steps) if info is not None and info.eval_steps else float(total)
     few = len(e) < min_points
     wide_gap = total > 0 and gap > max_gap_share * total
     if not (few or wide_gap):

@@ -167,6 +167,48 @@ def _eval_at_chance(
     return None
 
 
+def _accuracy_at_chance(
+    frame: pd.DataFrame, info: RunInfo | None, *, tol: float, acc_tol: float, classes: tuple[int, ...], points: int = 3
+) -> Finding | None:
+    """A loss within ``tol`` of ln(k) at its last ``points`` logs, moved under 5% since its first, while an accuracy
+    sits within ``acc_tol`` of 1/k (a fraction or a percentage) at its last ``points`` logs."""
+    names = metric_names(frame)
+    accuracies = sorted(m for m in names if "acc" in m.rsplit("/", 1)[-1])
+    if not accuracies:
+        return None
+    for metric in ("train/loss", *eval_loss_metrics(names)):
+        s = series(frame, metric, finite=True)
+        v = s.to_numpy(dtype=np.float64)
+        if v.size < points or abs(v[-1] - v[0]) > 0.05 * abs(v[0]):
+            continue
+        name, value = min(_levels(info, classes).items(), key=lambda kv: abs(kv[1] - v[-1]))
+        if not np.all(np.abs(v[-points:] - value) <= tol * value):
+            continue
+        k = round(math.exp(value))
+        for acc in accuracies:
+            a = series(frame, acc, finite=True).to_numpy(dtype=np.float64)[-points:]
+            chance = next(
+                (c for c in (1.0 / k, 100.0 / k) if a.size == points and np.all(np.abs(a - c) <= acc_tol * c)), None
+            )
+            if chance is None:
+                continue
+            ev = {
+                "chance_level": name,
+                "chance_value": evidence_value(value),
+                "end_level": evidence_value(float(v[-1])),
+                "start_level": evidence_value(float(v[0])),
+                "accuracy_metric": acc,
+                "accuracy_at_end": evidence_value(float(a[-1])),
+                "chance_accuracy": evidence_value(chance),
+            }
+            summary = (
+                f"{metric} stays at {num(ev['end_level'])} ~ {name} and {acc} at {num(ev['accuracy_at_end'])} ~ "
+                f"1/{k} (chance for {k} classes): the model predicts uniformly"
+            )
+            return _finding(metric, s.index.to_numpy(), 0, summary, ev, severity=Severity.ERROR, uniform=True)
+    return None
+
+
 def _barely_moved(
     frame: pd.DataFrame,
     info: RunInfo | None,
@@ -223,6 +265,7 @@ def plateau(
     pin_points: int = 4,
     pin_share: float = 0.3,
     chance_classes: tuple[int, ...] = (100, 1000),
+    chance_accuracy_tol: float = 0.02,
 ) -> list[Finding]:
     """The loss barely moves from its start (or sits at a chance level).
 
@@ -238,8 +281,11 @@ def plateau(
     such as 100 and 1000 for CIFAR-100 and ImageNet) within `pin_tol` (0.2%: a trained model's loss never sits that
     exactly on ln(k)) for the last `pin_points` (4) logs and at least `pin_share` (30%) of the run: error. And an eval
     loss whose last 3 evals sit within `vocab_tol` (1%) of ln(V) for a common language-model vocabulary V (30k-256k),
-    having moved under 5% since its first eval: the model predicts uniformly over its vocabulary (error). A loss that
-    was flat for a phase and then fell is not reported.
+    having moved under 5% since its first eval: the model predicts uniformly over its vocabulary (error). And, however
+    few the logs, a loss (train or eval) whose last 3 logs sit within `chance_tol` of ln(k) (k from the config,
+    2..10, or `chance_classes`), having moved under 5% since its first, while an accuracy sits within
+    `chance_accuracy_tol` (2%) of 1/k (or 100/k %) at its last 3 logs: two metrics agree that a k-class model
+    guesses (error). A loss that was flat for a phase and then fell is not reported.
     Likely causes: learning rate far too low, labels all masked, frozen weights, the optimizer not stepping; pinned
     at chance after a noisy start: saturated logits (outputs scaled up), a dead network.
     What to check next: 10x the learning rate; the labels of a batch; the trainable parameter count; the logits.
@@ -279,6 +325,10 @@ def plateau(
         if stuck is not None:
             return [stuck]
     found = _eval_at_chance(frame, info, tol=chance_tol, vocab_tol=vocab_tol, classes=tuple(chance_classes))
+    if found is None:
+        found = _accuracy_at_chance(
+            frame, info, tol=chance_tol, acc_tol=chance_accuracy_tol, classes=tuple(chance_classes)
+        )
     return [found] if found is not None else []
 
 
