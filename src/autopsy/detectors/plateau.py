@@ -324,11 +324,9 @@ def plateau(
         )
         if stuck is not None:
             return [stuck]
-    found = _eval_at_chance(frame, info, tol=chance_tol, vocab_tol=vocab_tol, classes=tuple(chance_classes))
-    if found is None:
-        found = _accuracy_at_chance(
-            frame, info, tol=chance_tol, acc_tol=chance_accuracy_tol, classes=tuple(chance_classes)
-        )
+    classes = tuple(chance_classes)
+    found = _eval_at_chance(frame, info, tol=chance_tol, vocab_tol=vocab_tol, classes=classes)
+    found = found or _accuracy_at_chance(frame, info, tol=chance_tol, acc_tol=chance_accuracy_tol, classes=classes)
     return [found] if found is not None else []
 
 
