@@ -52,6 +52,7 @@ def parse_console(chunks: Iterable[str]) -> ConsoleParse:
     carry: list[str] = []  # the unread lines of the last piece
     partial = ""  # a line cut by the piece's end
     base = 0  # the log's line number of carry[0]
+    last_record = -1  # the line of the last record so far
     pieces = iter(chunks)
     piece = next(pieces, None)
     while piece is not None:
@@ -63,8 +64,11 @@ def parse_console(chunks: Iterable[str]) -> ConsoleParse:
             parts.pop()  # the text ends with a line break
         lines = carry + parts if carry else parts
         stop = len(lines) if final else max(len(lines) - _MARGIN, 0)
+        before = len(out)
         done = _read_lines(out, st, lines, base, stop) if stop else 0
-        _keep_tail(out, st, lines, base, done)
+        if len(out) > before:  # this chunk's records (lines only grow from chunk to chunk)
+            last_record = max(last_record, int(out.array("line")[before:].max()))
+        _keep_tail(out, st, lines, base, done, last_record)
         carry = lines[done:]
         base += done
         piece = following
@@ -92,9 +96,9 @@ def _read_lines(out: ConsoleParse, st: State, lines: list[str], base: int, stop:
     is_dict = np.fromiter(map(str.startswith, lines, repeat(DICT_START)), dtype=bool, count=n)
     is_dict[stop:] = False  # (read once the lines a wrapped dict may take are known)
     dicts = np.flatnonzero(is_dict)
+    text = _pick(lines, dicts)
     tpl = None  # the dicts of the chunk's common shape, read already
     if len(dicts):
-        text = _pick(lines, dicts)
         closed = np.fromiter(map(str.__contains__, text, repeat("}")), dtype=bool, count=len(text))
         is_dict[dicts[~closed]] = False
         tpl = _template_read(text, closed)
@@ -126,9 +130,9 @@ def _read_lines(out: ConsoleParse, st: State, lines: list[str], base: int, stop:
         codes = np.tile(np.arange(width), n_mine)
         _add_dicts(out, st, base, at[mine], np.full(n_mine, width), codes, tpl.keys, vals, None, keras_before)
         is_dict[at] = False
-    if is_dict.any():
-        dicts = np.flatnonzero(is_dict)
-        _bulk_dicts(out, st, base, dicts, _pick(lines, dicts), keras_before)
+    still = is_dict[dicts]
+    if still.any():
+        _bulk_dicts(out, st, base, dicts[still], list(compress(text, still)), keras_before)
     return done
 
 
@@ -261,23 +265,13 @@ def _template(keys: tuple[str, ...]) -> re.Pattern[bytes]:
 
 
 def _template_dicts(bodies: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray] | None:
-    """Dicts that all print the first one's keys in its order, ``{'k': v, 'k': v}`` with plain numbers, read with
-    one regex of the keys' text over the lines' bytes: (pairs per dict, key codes, the keys, values); None when any
-    is not so. The same dicts as :func:`_plain_dicts` reads, by the same argument, a third faster (the keys are
-    matched as literal text, never cut out)."""
-    keys = [k for k, _ in BULK_PAIR.findall(bodies[0])]
-    if not keys or any("'" in k or "}" in k for k in keys):
+    """Dicts that all print the first one's shape (:func:`_template_read`): (pairs per dict, key codes, the keys,
+    values); None when any does not."""
+    tpl = _template_read(bodies, np.ones(len(bodies), dtype=bool))
+    if tpl is None or not tpl.matched.all():
         return None
-    found = _template(tuple(keys)).findall("\n".join(bodies).encode("utf-8", "surrogatepass"))
-    width = len(keys)
-    if not all(found if width == 1 else map(itemgetter(0), found)):  # a line that is not of the template
-        return None
-    values = chain.from_iterable(found) if width > 1 else found
-    try:
-        vals = np.fromiter(map(float, values), dtype=np.float64, count=width * len(found))
-    except ValueError:
-        return None
-    return np.full(len(bodies), width), np.tile(np.arange(width), len(bodies)), keys, vals
+    width = len(tpl.keys)
+    return np.full(len(bodies), width), np.tile(np.arange(width), len(bodies)), tpl.keys, tpl.values
 
 
 def _key_codes(keys: list[str], counts: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -335,12 +329,13 @@ def _last_value_first_place(
     return rec[keep], codes[keep], out_vals[keep]
 
 
-def _keep_tail(out: ConsoleParse, st: State, lines: list[str], base: int, done: int) -> None:
-    """Keep the lines after the last record (or the last bare numeric row, which may become one)."""
+def _keep_tail(out: ConsoleParse, st: State, lines: list[str], base: int, done: int, last_record: int) -> None:
+    """Keep the lines after the last record (``last_record``, -1 for none yet), or after the last bare numeric row,
+    which may become one."""
     out.tail.extend(lines[:done])
-    start = int(out.array("line").max()) if len(out.line) else 0
+    start = max(last_record, 0)
     if st.numeric:
-        start = min(start, st.numeric[-1][0]) if len(out.line) else st.numeric[-1][0]
+        start = min(start, st.numeric[-1][0]) if last_record >= 0 else st.numeric[-1][0]
     start = max(start, out.tail_start, base + done - TAIL_LINES)
     if start > out.tail_start:
         del out.tail[: start - out.tail_start]
