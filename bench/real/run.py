@@ -35,6 +35,17 @@ def _scorer(root: Path):
     return mod
 
 
+def score_folder(folder: str, argv: list[str], usage: str) -> None:
+    """A held-out set's own score.py: ``AUTOPSY_BIN [trainer_state] [console-logs] [--quiet]`` scored with the shared
+    scorer's rules, unchanged, on the sets in ``folder``."""
+    args = [a for a in argv if not a.startswith("--")]
+    if not args:
+        sys.exit(usage)
+    mod = _scorer(Path(folder))
+    sets = args[1:] or list(SETS)
+    print("; ".join(mod.score(args[0], s, quiet="--quiet" in argv) for s in sets))
+
+
 def score_set(autopsy: str, root: Path, name: str) -> tuple[str, list[str]]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
